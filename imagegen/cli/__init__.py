@@ -1,0 +1,17 @@
+"""Command-line interface: `imagegen COMMAND ...`.
+
+Each area registers its commands from its own module; importing them here wires them up.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from imagegen.cli.app import app, run_app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run_app(sys.argv[1:]))

@@ -1,0 +1,42 @@
+"""The one exception family that the CLI turns into a message and an exit code."""
+
+from __future__ import annotations
+
+
+class ImagegenError(Exception):
+    """An error to show the user as is; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(ImagegenError):
+    """Bad input from the user (recipe, arguments, files): exit code 2."""
+
+    exit_code = 2
+
+
+class RecipeError(InputError):
+    """One or more problems in a recipe file, each already formatted as `path:line:col: message`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class ModelError(InputError):
+    """A model, LoRA, VAE or upscaler weight file we cannot use (wrong family, unknown layout)."""
+
+
+class RunLockedError(ImagegenError):
+    """Another process holds the run folder's lock."""
+
+    exit_code = 2
