@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from imagegen.cli.app import app, run_app
+from imagegen.cli import recipes as _recipes  # noqa: F401  validate, plan
 
 __all__ = ["app", "main"]
 

@@ -26,25 +26,21 @@ def err(message: str) -> None:
 
 
 def run_app(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the exit code; `ImagegenError` becomes its message and code."""
+    """Run the CLI and return the exit code.
+
+    Usage errors exit 2 (click's own handling); `ImagegenError` becomes its one-line message
+    and its exit code. Commands signal other codes with `typer.Exit(code)`."""
     try:
-        rv = app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="imagegen")
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        err(str(code))
+        return 1
     except ImagegenError as exc:
         err(exc.message)
         return exc.exit_code
-    except typer.Exit as exc:
-        return exc.exit_code
-    except KeyboardInterrupt:
-        err("imagegen: interrupted")
-        return 130
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return 2
-        if isinstance(exc, click.exceptions.Abort):
-            err("imagegen: aborted")
-            return 130
-        raise
-    return rv if isinstance(rv, int) else 0
+    return 0

@@ -1,0 +1,77 @@
+"""`imagegen validate` and `imagegen plan`: recipe checks and job listings, no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from imagegen.cli.app import app, err
+from imagegen.errors import RecipeError
+
+
+@app.command()
+def validate(
+    recipes: List[Path] = typer.Argument(..., help="Recipe files to check.", show_default=False),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Accept hub ids as checkpoints."),
+) -> None:
+    """Check recipes without loading any model: syntax, keys, files, variants, job cap."""
+    from imagegen.plan import count_jobs
+    from imagegen.recipe import load_recipe
+
+    failed = 0
+    for path in recipes:
+        try:
+            recipe = load_recipe(path, allow_download=allow_download)
+        except RecipeError as exc:
+            failed += 1
+            err(exc.message)
+            continue
+        typer.echo(f"{path}: ok, {count_jobs(recipe)} jobs")
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command("plan")
+def plan_cmd(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe file.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the full job list as JSON."),
+    limit: int = typer.Option(20, "--limit", min=0, help="How many jobs the table shows."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Accept hub ids as checkpoints."),
+) -> None:
+    """Show what a recipe expands to: axes, counts, total and the first jobs."""
+    from imagegen.plan import axis_counts, plan
+    from imagegen.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, allow_download=allow_download, check_files=False)
+    for warning in recipe.warnings:
+        err(f"{warning} (warning: `imagegen validate` and `render` need it)")
+    jobs = plan(recipe)
+    if as_json:
+        typer.echo(json.dumps({"recipe": recipe.name, "recipe_sha256": recipe.sha256, "total": len(jobs), "jobs": [j.to_dict() for j in jobs]}, indent=1, ensure_ascii=False))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=False, width=160)
+    console.print(f"[bold]{recipe.name}[/bold]  {recipe.path}  model {recipe.checkpoint} ({recipe.family})  output {recipe.output}")
+    axes = Table(title="Axes (outermost first)", title_justify="left")
+    axes.add_column("axis")
+    axes.add_column("values", justify="right")
+    for label, n in axis_counts(recipe):
+        axes.add_row(label, str(n))
+    axes.add_row("[bold]total jobs[/bold]", f"[bold]{len(jobs)}[/bold]")
+    console.print(axes)
+    if limit:
+        table = Table(title=f"First {min(limit, len(jobs))} of {len(jobs)} jobs", title_justify="left")
+        for col in ("#", "id", "seed", "size", "steps", "cfg", "scheduler", "loras", "prompt"):
+            table.add_column(col, overflow="fold" if col == "prompt" else "ellipsis", no_wrap=col != "prompt")
+        for j in jobs[:limit]:
+            loras = ", ".join(f"{lu.name}:{lu.weight:g}" for lu in j.loras) or "-"
+            table.add_row(str(j.index), j.id, str(j.seed), f"{j.width}x{j.height}", str(j.steps), f"{j.guidance:g}", j.scheduler, loras, j.prompt)
+        console.print(table)

@@ -1,0 +1,782 @@
+"""YAML recipe -> validated `Recipe`.
+
+Every problem is reported as one line `path:line:col: message`, all problems of a file at
+once, with the key named and the value shown. Unknown keys at any depth are errors that
+suggest the nearest valid key. Nothing is silently corrected. No torch here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from imagegen import prompts as P
+from imagegen.errors import RecipeError
+from imagegen.samplers import lookup_sampler, sampler_names
+
+# --- defaults: one place, one comment each --------------------------------------------------
+DEFAULTS: dict[str, Any] = {
+    "family": "auto",  # detect SD1.5 / SDXL from the checkpoint's keys
+    "negative": "",  # no negative prompt
+    "seeds": 1,  # one seed: 0
+    "size": None,  # by family: 512x512 SD1.5, 1024x1024 SDXL, 64x64 tiny built-ins (needs a known family)
+    "steps": 25,  # sampling steps
+    "guidance": 7.0,  # CFG scale
+    "scheduler": "DPM++ 2M Karras",  # the most common A1111 sampler
+    "clip_skip": 1,  # A1111 convention: 1 = use the last CLIP layer
+    "batch_size": 4,  # images per forward pass; never changes pixels, only speed
+    "max_jobs": 5000,  # safety cap on the number of jobs one recipe may expand to
+    "sample_seed": 0,  # seed for `sample:` prompt-variant draws
+    "upscale_format": "tif",  # tiled BigTIFF: no size limit, streams by tile
+}
+
+FAMILIES = ("auto", "sd15", "sdxl")
+UPSCALE_FORMATS = ("tif", "png", "jpg")
+BUILTIN_PREFIX = "builtin:"
+MAX_SEED = 2**32 - 1
+MIN_SIDE, MAX_SIDE = 64, 8192
+
+# Shared with the engine, which builds these; kept here so `validate` needs no torch.
+BUILTIN_MODELS = ("tiny-sd15", "tiny-sdxl", "sd15-arch", "sdxl-arch")
+BUILTIN_FAMILY = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "sd15-arch": "sd15", "sdxl-arch": "sdxl"}
+DEFAULT_SIZE = {"sd15": (512, 512), "sdxl": (1024, 1024), "tiny": (64, 64)}
+
+SCHEMA: dict[str, Any] = {
+    "name": None,
+    "description": None,
+    "model": {"checkpoint": None, "family": None, "vae": None},
+    "loras": [{"path": None, "weight": None, "name": None}],
+    "lora_sets": {"*": [{"path": None, "weight": None, "name": None}]},
+    "prompt": None,
+    "prompts": None,
+    "negative": None,
+    "wildcards": None,
+    "sample": None,
+    "sample_seed": None,
+    "seeds": {"start": None, "count": None},
+    "size": None,
+    "steps": None,
+    "guidance": None,
+    "scheduler": None,
+    "clip_skip": None,
+    "batch_size": None,
+    "output": None,
+    "upscale": {"model": None, "scale": None, "width": None, "height": None, "format": None, "tile": None},
+    "max_jobs": None,
+}
+
+
+# --- the validated recipe -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA file; `weights` has more than one value when it is a sweep axis."""
+
+    path: str
+    name: str
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LoraSet:
+    """A named alternative stack of LoRAs (a `lora_sets` entry), each with one weight."""
+
+    name: str
+    loras: tuple[tuple[str, str, float], ...]  # (path, name, weight)
+
+
+@dataclass(frozen=True)
+class PromptVariant:
+    """One concrete prompt: which template it came from and its position in the expansion."""
+
+    template: int  # 0-based template number
+    variant: int  # 0-based variant number within the template
+    text: str
+
+
+@dataclass(frozen=True)
+class UpscaleSettings:
+    model: str | None = None
+    scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str = DEFAULTS["upscale_format"]
+    tile: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe that passed validation. Paths are absolute (relative ones resolve against
+    the recipe's folder), and sweep axes are tuples with at least one value."""
+
+    path: Path
+    sha256: str
+    name: str
+    checkpoint: str  # absolute path, "builtin:<name>" or (with --allow-download) a hub id
+    family: str
+    vae: str | None
+    loras: tuple[LoraSpec, ...]
+    lora_sets: tuple[LoraSet, ...]  # empty: no named sets
+    templates: tuple[str, ...]
+    prompts: tuple[PromptVariant, ...]
+    negative: str
+    seeds: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]
+    steps: tuple[int, ...]
+    guidance: tuple[float, ...]
+    schedulers: tuple[str, ...]
+    clip_skip: int
+    batch_size: int
+    output: Path
+    upscale: UpscaleSettings
+    max_jobs: int
+    text: str = field(repr=False, default="")
+    warnings: tuple[str, ...] = ()
+
+
+# --- YAML with positions --------------------------------------------------------------------
+
+Path_ = tuple  # a key path such as ("loras", 0, "weight")
+
+
+class _Doc:
+    """Plain Python data from YAML plus the (line, col) of every key path, 1-based."""
+
+    def __init__(self, file: str, check_files: bool = True) -> None:
+        self.file = file
+        self.check_files = check_files
+        self.missing: list[str] = []  # missing-file problems when files are not checked
+        self.marks: dict[Path_, tuple[int, int]] = {}
+        self.key_marks: dict[Path_, tuple[int, int]] = {}
+        self.problems: list[str] = []
+
+    def at(self, path: Path_, *, key: bool = False) -> str:
+        """`file:line:col` of a value (or of its key, when `key`)."""
+        table = self.key_marks if key and path in self.key_marks else self.marks
+        p = path
+        while p and p not in table:
+            p = p[:-1]
+        line, col = table.get(p, self.marks.get((), (1, 1)))
+        return f"{self.file}:{line}:{col}"
+
+    def problem(self, path: Path_, message: str, *, key: bool = False) -> None:
+        self.problems.append(f"{self.at(path, key=key)}: {message}")
+
+    def missing_file(self, path: Path_, message: str) -> None:
+        """A referenced file does not exist: a problem, or a warning when files are not checked."""
+        line = f"{self.at(path)}: {message}"
+        (self.problems if self.check_files else self.missing).append(line)
+
+    def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
+        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for k_node, v_node in node.value:
+                if k_node.tag == "tag:yaml.org,2002:merge":
+                    self.problems.append(f"{self.file}:{k_node.start_mark.line + 1}:{k_node.start_mark.column + 1}: YAML merge keys (`<<`) are not supported")
+                    continue
+                key = _scalar(k_node) if isinstance(k_node, yaml.ScalarNode) else None
+                where = f"{self.file}:{k_node.start_mark.line + 1}:{k_node.start_mark.column + 1}"
+                if not isinstance(key, str):
+                    self.problems.append(f"{where}: keys must be text, got {_show(key)}")
+                    continue
+                if key in out:
+                    self.problems.append(f"{where}: `{_dotted(path + (key,))}` is given twice")
+                    continue
+                self.key_marks[path + (key,)] = (k_node.start_mark.line + 1, k_node.start_mark.column + 1)
+                out[key] = self.build(v_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(v, path + (i,)) for i, v in enumerate(node.value)]
+        return _scalar(node)
+
+
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+
+
+def _scalar(node: yaml.Node) -> Any:
+    try:
+        return _CONSTRUCTOR.construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError:
+        return node.value
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- checkers --------------------------------------------------------------------------------
+
+
+def _check_keys(doc: _Doc, data: Any, schema: Any, path: Path_) -> None:
+    """Unknown keys at any depth, with the nearest valid key suggested."""
+    if isinstance(schema, dict) and isinstance(data, dict):
+        allowed = [k for k in schema if k != "*"]
+        for key, value in data.items():
+            if key in schema:
+                _check_keys(doc, value, schema[key], path + (key,))
+            elif "*" in schema:
+                _check_keys(doc, value, schema["*"], path + (key,))
+            else:
+                near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+                hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys here: {', '.join(allowed)}"
+                doc.problem(path + (key,), f"unknown key `{_dotted(path + (key,))}`{hint}", key=True)
+    elif isinstance(schema, list) and isinstance(data, list):
+        for i, item in enumerate(data):
+            _check_keys(doc, item, schema[0], path + (i,))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _axis(doc: _Doc, data: dict, key: str, check: Callable[[Any, Path_], Any], default: Any) -> tuple:
+    """A value or a list of values (a sweep axis); `check` returns the clean value or None."""
+    if key not in data:
+        return (default,)
+    raw = data[key]
+    items = raw if isinstance(raw, list) and not _looks_like_size_pair(key, raw) else [raw]
+    paths = [(key, i) for i in range(len(items))] if items is raw else [(key,)]
+    if not items:
+        doc.problem((key,), f"`{key}` is an empty list; give at least one value")
+        return ()
+    out = []
+    for value, p in zip(items, paths):
+        clean = check(value, p)
+        if clean is not None:
+            out.append(clean)
+    seen = set()
+    for value, p in zip(out, paths):
+        if value in seen:
+            doc.problem(p, f"`{key}` lists {_show(value)} twice")
+        seen.add(value)
+    return tuple(out)
+
+
+def _looks_like_size_pair(key: str, raw: list) -> bool:
+    return key == "size" and len(raw) == 2 and all(_is_int(v) for v in raw)
+
+
+def _size(doc: _Doc):
+    def check(value: Any, path: Path_):
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
+            if not m:
+                doc.problem(path, f"`size` must look like \"1024x768\" or [1024, 768], got {_show(value)}")
+                return None
+            w, h = int(m.group(1)), int(m.group(2))
+        elif isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value):
+            w, h = value
+        else:
+            doc.problem(path, f"`size` must look like \"1024x768\" or [1024, 768], got {_show(value)}")
+            return None
+        bad = [f"{n} {v}" for n, v in (("width", w), ("height", h)) if v % 8 or not MIN_SIDE <= v <= MAX_SIDE]
+        if bad:
+            doc.problem(path, f"`size` {w}x{h}: {', '.join(bad)} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}")
+            return None
+        return (w, h)
+
+    return check
+
+
+def _int_in(doc: _Doc, key: str, lo: int, hi: int | None = None):
+    def check(value: Any, path: Path_):
+        if not _is_int(value) or value < lo or (hi is not None and value > hi):
+            rng = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+            doc.problem(path, f"`{key}` must be a whole number {rng}, got {_show(value)}")
+            return None
+        return value
+
+    return check
+
+
+def _num_in(doc: _Doc, key: str, lo: float, hi: float):
+    def check(value: Any, path: Path_):
+        if not _is_num(value) or not lo <= value <= hi:
+            doc.problem(path, f"`{key}` must be a number from {lo:g} to {hi:g}, got {_show(value)}")
+            return None
+        return float(value)
+
+    return check
+
+
+def _scheduler(doc: _Doc):
+    def check(value: Any, path: Path_):
+        spec = lookup_sampler(value) if isinstance(value, str) else None
+        if spec is None:
+            near = difflib.get_close_matches(str(value), sampler_names(), n=1, cutoff=0.6)
+            hint = f"did you mean \"{near[0]}\"? " if near else ""
+            doc.problem(path, f"unknown `scheduler` {_show(value)}; {hint}valid: {', '.join(sampler_names())}")
+            return None
+        return spec.name
+
+    return check
+
+
+def _text(doc: _Doc, data: dict, key: str, *, required: bool = False, default: str | None = None) -> str | None:
+    if key not in data:
+        if required:
+            doc.problem((), f"missing required key `{key}`")
+        return default
+    value = data[key]
+    if not isinstance(value, str) or (required and not value.strip()):
+        doc.problem((key,), f"`{key}` must be text, got {_show(value)}")
+        return default
+    return value
+
+
+def _seeds(doc: _Doc, data: dict) -> tuple[int, ...]:
+    raw = data.get("seeds", DEFAULTS["seeds"])
+    path: Path_ = ("seeds",)
+    bad = f"`seeds` must be a count, a list of seeds, {{start: N, count: M}} or a range \"1000-1099\", got {_show(raw)}"
+    seeds: list[int] = []
+    if _is_int(raw):
+        if raw < 1:
+            doc.problem(path, f"`seeds` count must be at least 1, got {raw}")
+            return ()
+        seeds = list(range(raw))
+    elif isinstance(raw, str):
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", raw)
+        if not m:
+            doc.problem(path, bad)
+            return ()
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if hi < lo:
+            doc.problem(path, f"`seeds` range \"{raw}\" ends before it starts")
+            return ()
+        seeds = list(range(lo, hi + 1))
+    elif isinstance(raw, dict):
+        start, count = raw.get("start", 0), raw.get("count")
+        if not _is_int(start) or start < 0:
+            doc.problem(path + ("start",), f"`seeds.start` must be a whole number >= 0, got {_show(start)}")
+            return ()
+        if not _is_int(count) or count < 1:
+            doc.problem(path + ("count",) if "count" in raw else path, f"`seeds.count` must be a whole number >= 1, got {_show(count)}")
+            return ()
+        seeds = list(range(start, start + count))
+    elif isinstance(raw, list):
+        if not raw:
+            doc.problem(path, "`seeds` is an empty list; give at least one seed")
+            return ()
+        seen: set[int] = set()
+        for i, s in enumerate(raw):
+            if not _is_int(s) or not 0 <= s <= MAX_SEED:
+                doc.problem(path + (i,), f"seed must be a whole number from 0 to {MAX_SEED}, got {_show(s)}")
+            elif s in seen:
+                doc.problem(path + (i,), f"seed {s} is listed twice")
+            else:
+                seen.add(s)
+                seeds.append(s)
+        return tuple(seeds)
+    else:
+        doc.problem(path, bad)
+        return ()
+    if seeds and seeds[-1] > MAX_SEED:
+        doc.problem(path, f"seeds must be at most {MAX_SEED}, the range reaches {seeds[-1]}")
+        return ()
+    return tuple(seeds)
+
+
+def _is_path_text(value: Any) -> bool:
+    """Non-empty text that can name a file (no NUL bytes)."""
+    return isinstance(value, str) and bool(value.strip()) and "\x00" not in value
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+
+
+def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str, str, str | None]:
+    raw = data.get("model")
+    if raw is None:
+        doc.problem((), "missing required key `model` (with `checkpoint:`)")
+        return "", "auto", None
+    if not isinstance(raw, dict):
+        doc.problem(("model",), f"`model` must be a mapping with `checkpoint:` (and optional `family:`, `vae:`), got {_show(raw)}")
+        return "", "auto", None
+    family = raw.get("family", DEFAULTS["family"])
+    if family not in FAMILIES:
+        doc.problem(("model", "family"), f"`model.family` must be one of {', '.join(FAMILIES)}, got {_show(family)}")
+        family = "auto"
+    ckpt = raw.get("checkpoint")
+    checkpoint = ""
+    if not _is_path_text(ckpt):
+        doc.problem(("model", "checkpoint") if "checkpoint" in raw else ("model",), f"`model.checkpoint` must be a file, a diffusers folder or builtin:NAME, got {_show(ckpt)}")
+    elif ckpt.startswith(BUILTIN_PREFIX):
+        name = ckpt[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            doc.problem(("model", "checkpoint"), f"unknown built-in model `{ckpt}`; built-ins: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}")
+        else:
+            checkpoint = ckpt
+            real = BUILTIN_FAMILY[name]
+            if family not in ("auto", real):
+                doc.problem(("model", "family"), f"`model.family` is {family} but `{ckpt}` is {real}")
+            family = real
+    else:
+        path = _resolve(base, ckpt)
+        if path.exists():
+            if path.is_dir() and not (path / "model_index.json").exists():
+                doc.problem(("model", "checkpoint"), f"checkpoint folder `{path}` has no model_index.json (not a diffusers folder)")
+            elif path.is_file() and path.suffix.lower() not in (".safetensors",):
+                doc.problem(("model", "checkpoint"), f"checkpoint `{path}`: only .safetensors single files are loaded (pickled .ckpt files can run code)")
+            checkpoint = str(path.resolve())
+        elif allow_download and _HUB_ID.fullmatch(ckpt):
+            checkpoint = ckpt
+        else:
+            hint = " (a hub id needs --allow-download)" if _HUB_ID.fullmatch(ckpt) and not Path(ckpt).suffix else ""
+            doc.missing_file(("model", "checkpoint"), f"checkpoint file not found: `{path}`{hint}")
+            checkpoint = str(path.resolve())
+    vae = raw.get("vae")
+    vae_path = None
+    if vae is not None:
+        if not _is_path_text(vae):
+            doc.problem(("model", "vae"), f"`model.vae` must be a file or folder path, got {_show(vae)}")
+        else:
+            p = _resolve(base, vae)
+            if not p.exists():
+                doc.missing_file(("model", "vae"), f"VAE file not found: `{p}`")
+            vae_path = str(p.resolve())
+    return checkpoint, family, vae_path
+
+
+def _lora_entry(doc: _Doc, item: Any, path: Path_, base: Path, *, sweep: bool) -> tuple[str, str, tuple[float, ...]] | None:
+    if not isinstance(item, dict) or "path" not in item:
+        doc.problem(path, f"a LoRA entry must be a mapping with `path:` and `weight:`, got {_show(item)}")
+        return None
+    ok = True
+    raw_path = item["path"]
+    lora_path = ""
+    if not _is_path_text(raw_path):
+        doc.problem(path + ("path",), f"LoRA `path` must be a file path, got {_show(raw_path)}")
+        ok = False
+    else:
+        p = _resolve(base, raw_path)
+        if not p.is_file():
+            doc.missing_file(path + ("path",), f"LoRA file not found: `{p}`")
+            ok = ok and not doc.check_files
+        if p.suffix.lower() != ".safetensors":
+            doc.problem(path + ("path",), f"LoRA `{p}`: only .safetensors files are loaded")
+            ok = False
+        lora_path = str(p.resolve())
+    name = item.get("name", Path(raw_path).stem if isinstance(raw_path, str) else "")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w\-]*", name or ""):
+        doc.problem(path + ("name",) if "name" in item else path + ("path",), f"LoRA name {_show(name)} must be letters, digits, `_` or `-` (set `name:` to override the file name)")
+        ok = False
+    raw_w = item.get("weight", 1.0)
+    weights_raw = raw_w if isinstance(raw_w, list) else [raw_w]
+    if isinstance(raw_w, list) and not sweep:
+        doc.problem(path + ("weight",), "a weight list is a sweep; it is allowed in `loras`, not inside `lora_sets` (make several sets instead)")
+        return None
+    if not weights_raw:
+        doc.problem(path + ("weight",), "LoRA `weight` is an empty list; give at least one weight")
+        return None
+    weights = []
+    for i, w in enumerate(weights_raw):
+        wp = path + ("weight", i) if isinstance(raw_w, list) else path + ("weight",)
+        if not _is_num(w) or not -10 <= w <= 10:
+            doc.problem(wp, f"LoRA `weight` must be a number from -10 to 10, got {_show(w)}")
+            ok = False
+        elif float(w) in weights:
+            doc.problem(wp, f"LoRA weight {w} is listed twice")
+            ok = False
+        else:
+            weights.append(float(w))
+    return (lora_path, name, tuple(weights)) if ok else None
+
+
+def _loras(doc: _Doc, data: dict, base: Path) -> tuple[tuple[LoraSpec, ...], tuple[LoraSet, ...]]:
+    specs: list[LoraSpec] = []
+    raw = data.get("loras", [])
+    if not isinstance(raw, list):
+        doc.problem(("loras",), f"`loras` must be a list of {{path, weight}} entries, got {_show(raw)}")
+        raw = []
+    for i, item in enumerate(raw):
+        entry = _lora_entry(doc, item, ("loras", i), base, sweep=True)
+        if entry:
+            specs.append(LoraSpec(entry[0], entry[1], entry[2]))
+    names = [s.name for s in specs]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            doc.problem(("loras", i), f"two LoRAs are named `{n}`; set `name:` on one of them")
+    sets: list[LoraSet] = []
+    raw_sets = data.get("lora_sets", {})
+    if not isinstance(raw_sets, dict):
+        doc.problem(("lora_sets",), f"`lora_sets` must map set names to lists of {{path, weight}}, got {_show(raw_sets)}")
+        raw_sets = {}
+    for set_name, items in raw_sets.items():
+        sp: Path_ = ("lora_sets", set_name)
+        if not re.fullmatch(r"[A-Za-z0-9][\w\-]*", set_name):
+            doc.problem(sp, f"LoRA set name `{set_name}` must be letters, digits, `_` or `-`", key=True)
+        if items is None:
+            items = []  # `plain:` with nothing = the set without LoRAs
+        if not isinstance(items, list):
+            doc.problem(sp, f"LoRA set `{set_name}` must be a list of {{path, weight}} (or empty), got {_show(items)}")
+            continue
+        entries = []
+        for i, item in enumerate(items):
+            entry = _lora_entry(doc, item, sp + (i,), base, sweep=False)
+            if entry:
+                entries.append((entry[0], entry[1], entry[2][0]))
+        sets.append(LoraSet(set_name, tuple(entries)))
+    if "lora_sets" in data and not raw_sets:
+        doc.problem(("lora_sets",), "`lora_sets` is empty; remove it or name at least one set")
+    return tuple(specs), tuple(sets)
+
+
+def _prompt_variants(doc: _Doc, data: dict, base: Path) -> tuple[tuple[str, ...], tuple[PromptVariant, ...], Path | None]:
+    has_one, has_many = "prompt" in data, "prompts" in data
+    if has_one and has_many:
+        doc.problem(("prompts",), "give either `prompt` or `prompts`, not both", key=True)
+        return (), (), None
+    if not has_one and not has_many:
+        doc.problem((), "missing required key `prompt` (or `prompts`: a list of templates)")
+        return (), (), None
+    key = "prompt" if has_one else "prompts"
+    raw = data[key]
+    if has_one:
+        items, paths = [raw], [("prompt",)]
+    elif isinstance(raw, list):
+        items, paths = raw, [("prompts", i) for i in range(len(raw))]
+        if not raw:
+            doc.problem(("prompts",), "`prompts` is an empty list; give at least one template")
+    else:
+        doc.problem(("prompts",), f"`prompts` must be a list of templates, got {_show(raw)}")
+        return (), (), None
+    wild_dir: Path | None = None
+    if "wildcards" in data:
+        w = data["wildcards"]
+        if not _is_path_text(w):
+            doc.problem(("wildcards",), f"`wildcards` must be a folder path, got {_show(w)}")
+        else:
+            wild_dir = _resolve(base, w)
+            if not wild_dir.is_dir():
+                doc.problem(("wildcards",), f"wildcards folder not found: `{wild_dir}`")  # variants need it
+                wild_dir = None
+    loader = P.folder_wildcards(wild_dir) if wild_dir else None
+    sample = data.get("sample")
+    if sample is not None and (not _is_int(sample) or sample < 1):
+        doc.problem(("sample",), f"`sample` must be a whole number >= 1, got {_show(sample)}")
+        sample = None
+    sample_seed = data.get("sample_seed", DEFAULTS["sample_seed"])
+    if not _is_int(sample_seed) or sample_seed < 0:
+        doc.problem(("sample_seed",), f"`sample_seed` must be a whole number >= 0, got {_show(sample_seed)}")
+        sample_seed = 0
+    if "sample_seed" in data and sample is None and "sample" not in data:
+        doc.problem(("sample_seed",), "`sample_seed` has no effect without `sample`", key=True)
+    templates: list[str] = []
+    variants: list[PromptVariant] = []
+    seen: dict[str, int] = {}
+    for t, (tmpl, path) in enumerate(zip(items, paths)):
+        if not isinstance(tmpl, str) or not tmpl.strip():
+            doc.problem(path, f"a prompt template must be non-empty text, got {_show(tmpl)}")
+            continue
+        templates.append(tmpl)
+        try:
+            texts = P.sample_variants(tmpl, sample, sample_seed, loader) if sample else P.expand(tmpl, loader)
+        except P.PromptSyntaxError as exc:
+            doc.problem(path, f"`{_dotted(path)}`: {exc.message}: {_show(tmpl)}")
+            continue
+        for v, text in enumerate(texts):
+            text = " ".join(text.split())
+            if text in seen:
+                doc.problem(path, f"prompt variant {_show(text)} appears twice (template {seen[text] + 1} and {t + 1}); duplicate jobs would collide")
+                break
+            seen[text] = t
+            variants.append(PromptVariant(t, v, text))
+    return tuple(templates), tuple(variants), wild_dir
+
+
+def _upscale(doc: _Doc, data: dict, base: Path) -> UpscaleSettings:
+    raw = data.get("upscale")
+    if raw is None:
+        return UpscaleSettings()
+    if not isinstance(raw, dict):
+        doc.problem(("upscale",), f"`upscale` must be a mapping (model, scale|width|height, format, tile), got {_show(raw)}")
+        return UpscaleSettings()
+    p: Path_ = ("upscale",)
+    model = None
+    if "model" in raw:
+        m = raw["model"]
+        if not _is_path_text(m):
+            doc.problem(p + ("model",), f"`upscale.model` must be a weight file path, got {_show(m)}")
+        else:
+            mp = _resolve(base, m)
+            if not mp.is_file():
+                doc.missing_file(p + ("model",), f"upscale model file not found: `{mp}`")
+            model = str(mp.resolve())
+    targets = [k for k in ("scale", "width", "height") if k in raw]
+    if len(targets) > 1:
+        doc.problem(p + (targets[1],), f"give one of `upscale.scale`, `upscale.width`, `upscale.height`, not {' and '.join(targets)}", key=True)
+    scale = raw.get("scale")
+    if scale is not None and (not _is_num(scale) or not 1 <= scale <= 64):
+        doc.problem(p + ("scale",), f"`upscale.scale` must be a number from 1 to 64, got {_show(scale)}")
+        scale = None
+    sides = {}
+    for k in ("width", "height"):
+        v = raw.get(k)
+        if v is not None and (not _is_int(v) or not 16 <= v <= 65000):
+            doc.problem(p + (k,), f"`upscale.{k}` must be a whole number of pixels from 16 to 65000, got {_show(v)}")
+            v = None
+        sides[k] = v
+    fmt = raw.get("format", DEFAULTS["upscale_format"])
+    if fmt not in UPSCALE_FORMATS:
+        doc.problem(p + ("format",), f"`upscale.format` must be one of {', '.join(UPSCALE_FORMATS)}, got {_show(fmt)}")
+        fmt = DEFAULTS["upscale_format"]
+    tile = raw.get("tile")
+    if tile is not None and (not _is_int(tile) or not 32 <= tile <= 4096):
+        doc.problem(p + ("tile",), f"`upscale.tile` must be a whole number from 32 to 4096, got {_show(tile)}")
+        tile = None
+    return UpscaleSettings(model, float(scale) if scale is not None else None, sides["width"], sides["height"], fmt, tile)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, *, allow_download: bool = False, check_files: bool = True) -> Recipe:
+    """Read and validate a recipe file.
+
+    With `check_files=False`, missing checkpoint, VAE, LoRA and upscaler files become
+    `Recipe.warnings` instead of errors (for planning before the files are in place).
+    Raises RecipeError listing every problem as `path:line:col: message`."""
+    path = Path(path)
+    shown = str(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError([f"{shown}: recipe file not found"]) from None
+    except IsADirectoryError:
+        raise RecipeError([f"{shown}: is a folder, not a recipe file"]) from None
+    except OSError as exc:
+        raise RecipeError([f"{shown}: cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{shown}: not UTF-8 text (byte {exc.start})"]) from None
+    doc = _Doc(shown, check_files)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
+        what = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        lines = text.splitlines()
+        near = [lines[m.line] for m in (exc.context_mark, exc.problem_mark) if m and m.line < len(lines)]
+        if any(re.search(r":\s+[{\[][^}\]]*\|", ln) for ln in near):
+            what += " (a prompt that starts with `{` must be quoted: prompt: \"{a|b} cat\")"
+        raise RecipeError([f"{where}: YAML syntax error: {what}"]) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{shown}: YAML error: {' '.join(str(exc).split())}"]) from None
+    if node is None:
+        raise RecipeError([f"{shown}:1:1: the recipe is empty; it needs at least `name`, `model` and `prompt`"])
+    data = doc.build(node)
+    if not isinstance(data, dict):
+        raise RecipeError([f"{shown}:1:1: a recipe must be a mapping of keys (name, model, prompt, ...), got {type(data).__name__}"])
+    if doc.problems:
+        raise RecipeError(doc.problems)
+    return _validate(doc, data, path, text, allow_download)
+
+
+def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool) -> Recipe:
+    base = path.resolve().parent
+    _check_keys(doc, data, SCHEMA, ())
+    name = _text(doc, data, "name", required=True) or ""
+    if name and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
+        doc.problem(("name",), f"`name` {_show(name)} must be letters, digits, `.`, `_` or `-` (it names the run folder)")
+    _text(doc, data, "description")
+    checkpoint, family, vae = _model(doc, data, base, allow_download)
+    loras, lora_sets = _loras(doc, data, base)
+    templates, variants, _ = _prompt_variants(doc, data, base)
+    negative = _text(doc, data, "negative", default=DEFAULTS["negative"]) or ""
+    seeds = _seeds(doc, data)
+    default_size = _default_size(checkpoint, family)
+    if "size" not in data and default_size is None and checkpoint:
+        doc.problem((), "`size` is needed when `model.family` is auto (or set `model.family: sd15` for 512x512, `sdxl` for 1024x1024)")
+    sizes = _axis(doc, data, "size", _size(doc), default_size)
+    steps = _axis(doc, data, "steps", _int_in(doc, "steps", 1, 500), DEFAULTS["steps"])
+    guidance = _axis(doc, data, "guidance", _num_in(doc, "guidance", 0.0, 50.0), DEFAULTS["guidance"])
+    schedulers = _axis(doc, data, "scheduler", _scheduler(doc), DEFAULTS["scheduler"])
+    clip_skip = data.get("clip_skip", DEFAULTS["clip_skip"])
+    if not _is_int(clip_skip) or not 1 <= clip_skip <= 12:
+        doc.problem(("clip_skip",), f"`clip_skip` must be a whole number from 1 to 12 (A1111 convention: 1 = last layer), got {_show(clip_skip)}")
+    batch_size = data.get("batch_size", DEFAULTS["batch_size"])
+    if not _is_int(batch_size) or not 1 <= batch_size <= 256:
+        doc.problem(("batch_size",), f"`batch_size` must be a whole number from 1 to 256, got {_show(batch_size)}")
+    max_jobs = data.get("max_jobs", DEFAULTS["max_jobs"])
+    if not _is_int(max_jobs) or max_jobs < 1:
+        doc.problem(("max_jobs",), f"`max_jobs` must be a whole number >= 1, got {_show(max_jobs)}")
+        max_jobs = DEFAULTS["max_jobs"]
+    output_raw = _text(doc, data, "output")
+    if output_raw is not None and not _is_path_text(output_raw):
+        doc.problem(("output",), f"`output` must be a folder path, got {_show(output_raw)}")
+        output_raw = None
+    output = _resolve(base, output_raw).resolve() if output_raw else Path("runs") / (name or "run")
+    upscale = _upscale(doc, data, base)
+    if doc.problems:
+        raise RecipeError(doc.problems)
+    recipe = Recipe(
+        path=path,
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        name=name,
+        checkpoint=checkpoint,
+        family=family,
+        vae=vae,
+        loras=loras,
+        lora_sets=lora_sets,
+        templates=templates,
+        prompts=variants,
+        negative=negative,
+        seeds=seeds,
+        sizes=sizes,
+        steps=steps,
+        guidance=guidance,
+        schedulers=schedulers,
+        clip_skip=clip_skip,
+        batch_size=batch_size,
+        output=output,
+        upscale=upscale,
+        max_jobs=max_jobs,
+        text=text,
+        warnings=tuple(doc.missing),
+    )
+    from imagegen.plan import axis_counts  # pure; no torch
+
+    counts = axis_counts(recipe)
+    total = 1
+    for _, n in counts:
+        total *= n
+    if total > max_jobs:
+        spread = " x ".join(f"{n} {label}" for label, n in counts if n > 1)
+        where = ("max_jobs",) if "max_jobs" in data else ()
+        doc.problem(where, f"the recipe expands to {total} jobs ({spread}), more than `max_jobs: {max_jobs}`; raise `max_jobs` or shrink an axis")
+        raise RecipeError(doc.problems)
+    return recipe
+
+
+def _default_size(checkpoint: str, family: str) -> tuple[int, int] | None:
+    """The size a recipe without `size:` renders at; None when the family is not known yet."""
+    if checkpoint.startswith(BUILTIN_PREFIX + "tiny-"):
+        return DEFAULT_SIZE["tiny"]
+    return DEFAULT_SIZE.get(family)

@@ -1,0 +1,23 @@
+"""Shared test setup: every test session gets its own model cache, and nothing goes online."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Built-in tiny models are built once per test session into a private cache folder."""
+    cache = os.environ.get("IMAGEGEN_TEST_CACHE") or str(tmp_path_factory.mktemp("imagegen-cache"))
+    old = {k: os.environ.get(k) for k in ("IMAGEGEN_CACHE", "HF_HUB_OFFLINE", "HF_HOME")}
+    os.environ["IMAGEGEN_CACHE"] = cache
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = os.path.join(cache, "hf-home-unused")
+    yield cache
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
