@@ -1,0 +1,126 @@
+"""Pick lists: the job indices a person keeps, as typed on the command line or in picks.txt.
+
+picks.txt holds one job index per line; ranges such as `203-210` (inclusive), blank lines
+and `#` comments (whole-line or trailing) are allowed, so the file can be edited by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from imagegen.errors import InputError
+from imagegen.thumbs import write_bytes_atomic
+
+MAX_RANGE = 1_000_000  # a range longer than this is a typo, not a pick
+
+_TOKEN = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def _parse_token(token: str, ids: Mapping[str, int] | None) -> range:
+    """One index, range or job id -> a range of indices; raises ValueError with the reason."""
+    match = _TOKEN.match(token)
+    if match is None:
+        if ids is not None and token in ids:
+            index = ids[token]
+            return range(index, index + 1)
+        raise ValueError(f"{token!r} is not a job index or range (use 12, 203-210 or 12,13)")
+    start = int(match.group(1))
+    end = int(match.group(2)) if match.group(2) is not None else start
+    if end < start:
+        raise ValueError(f"range {token!r} runs backwards; write {end}-{start}")
+    if end - start + 1 > MAX_RANGE:
+        raise ValueError(f"range {token!r} is longer than {MAX_RANGE:,} indices")
+    return range(start, end + 1)
+
+
+def format_ranges(indices: Iterable[int], *, limit: int = 6) -> str:
+    """Compress indices into `1-5, 7, 9-12`, showing at most `limit` runs (then `...`)."""
+    runs: list[tuple[int, int]] = []
+    for index in sorted(set(indices)):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit]]
+    if len(runs) > limit:
+        parts.append("...")
+    return ", ".join(parts)
+
+
+def parse_pick_args(
+    args: Sequence[str], valid: Collection[int], *, ids: Mapping[str, int] | None = None
+) -> list[int]:
+    """Parse `12`, `57`, `203-210`, `12,13` (and job ids found in `ids`) into sorted unique indices.
+
+    Raises InputError for a malformed argument, or for indices not in `valid`; the message
+    gives the run's valid range, e.g. `pick: 1203 is not a job index; this run has 1-1000`.
+    """
+    valid_set = valid if isinstance(valid, (set, frozenset)) else set(valid)
+    picked: set[int] = set()
+    for arg in args:
+        for token in re.split(r"[,\s]+", arg.strip()):
+            if not token:
+                continue
+            try:
+                picked.update(_parse_token(token, ids))
+            except ValueError as exc:
+                raise InputError(f"pick: {exc}") from None
+    unknown = sorted(picked - valid_set)
+    if unknown:
+        what = (
+            f"{format_ranges(unknown)} is not a job index"
+            if len(unknown) == 1
+            else f"{format_ranges(unknown)} are not job indices"
+        )
+        have = f"this run has {format_ranges(valid_set)}" if valid_set else "this run has no jobs"
+        raise InputError(f"pick: {what}; {have}")
+    return sorted(picked)
+
+
+def read_picks(path: Path, *, ids: Mapping[str, int] | None = None) -> list[int]:
+    """Read a picks file into sorted unique indices; a missing file reads as no picks.
+
+    Lines may hold an index, a range `3-7`, several separated by commas, or (when `ids` maps
+    job ids to indices) a job id. Raises InputError `picks.txt:LINE: ...` for a malformed line
+    or a file that is not UTF-8 text.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; expected one job index per line") from None
+    picked: set[int] = set()
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        content = line.split("#", 1)[0].strip()
+        for token in re.split(r"[,\s]+", content):
+            if not token:
+                continue
+            try:
+                picked.update(_parse_token(token, ids))
+            except ValueError as exc:
+                raise InputError(f"{path}:{line_no}: {exc}") from None
+    return sorted(picked)
+
+
+def format_picks(indices: Iterable[int], *, header: str | None = None) -> str:
+    """The text of a picks file: `# header` lines, then one index per line, sorted and unique."""
+    lines = []
+    if header:
+        lines += [f"# {h}".rstrip() if not h.startswith("#") else h for h in header.splitlines()]
+    lines += [str(index) for index in sorted(set(indices))]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def write_picks(path: Path, indices: Iterable[int], *, header: str | None = None) -> None:
+    """Write `indices` (sorted, unique, one per line) to `path` atomically, after `header` comments.
+
+    Raises ValueError for a negative index and OSError if the file cannot be written.
+    """
+    indices = sorted(set(indices))
+    if indices and indices[0] < 0:
+        raise ValueError(f"job indices are never negative, got {indices[0]}")
+    write_bytes_atomic(Path(path), format_picks(indices, header=header).encode("utf-8"))

@@ -1,0 +1,108 @@
+"""Thumbnails for the contact sheets, and the atomic file write they share.
+
+The image writer calls `make_thumbnail` on the image it already holds in memory and
+`save_thumbnail_atomic` next to the PNG, so the sheets never decode a full render.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+THUMB_SIZE = 256  # long side of a thumbnail in pixels; sheet cells are laid out for this size
+THUMB_QUALITY = 85  # JPEG quality of thumbnails: small files, no visible blocking at 256 px
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `path` through `write(file)` so that it is either complete or absent.
+
+    The bytes go to a temporary file in the same folder, which is flushed, fsynced and
+    renamed over `path`; on any error the temporary file is removed and the error re-raised.
+    The parent folder is created if missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `write_atomic`)."""
+    write_atomic(path, lambda handle: handle.write(data))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of `image`; transparency is flattened onto white."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def make_thumbnail(image: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
+    """Return an RGB copy of `image` scaled so that its long side is exactly `size` pixels.
+
+    Small images are scaled up, so every cell of a sheet has the same scale of detail.
+    Raises ValueError if `size` is not positive or the image is empty.
+    """
+    from PIL import Image
+
+    if size < 1:
+        raise ValueError(f"thumbnail size must be positive, got {size}")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"cannot make a thumbnail of an empty image ({width}x{height})")
+    scale = size / max(width, height)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    rgb = _to_rgb(image)
+    if new_size == rgb.size:
+        return rgb.copy()
+    # reducing_gap: shrink by whole factors first (fast), then Lanczos for the last step.
+    return rgb.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def save_thumbnail_atomic(image: Image.Image, path: Path, quality: int = THUMB_QUALITY) -> None:
+    """Save `image` (converted to RGB if needed) as a JPEG at `path`, atomically.
+
+    Raises OSError if the folder cannot be written.
+    """
+    rgb = _to_rgb(image)
+    write_atomic(Path(path), lambda handle: rgb.save(handle, format="JPEG", quality=quality))
