@@ -1,0 +1,168 @@
+"""Load a Real-ESRGAN / ESRGAN weight file into our own network and run it on batches of tiles."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagegen.errors import InputError, ModelError
+from imagegen.upscale.detect import ArchSpec, detect, esrgan_to_basicsr, unwrap
+
+# Accepted `dtype` names and what they mean; None picks fp16 on CUDA and fp32 on CPU.
+DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Upscaler:
+    """A loaded upscaling network ready to run on `device` in `dtype`.
+
+    `arch` is "RRDBNet" or "SRVGGNetCompact"; `scale` the output/input side ratio; `name` the
+    file stem; `sha256` the weight file's hash (`short_hash` is its first 10 hex, A1111 style).
+    """
+
+    arch: str
+    scale: int
+    name: str
+    sha256: str
+    spec: ArchSpec
+    path: Path
+    device: str
+    dtype: str
+    module: Any  # torch.nn.Module
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+    @property
+    def pad_multiple(self) -> int:
+        """Input sides must be multiples of this (2 for x2 pixel-unshuffle models)."""
+        return self.spec.pad_multiple
+
+    def bytes_per_input_pixel(self) -> int:
+        """Rough peak activation memory per input pixel of one tile (for choosing tile sizes)."""
+        s = self.spec
+        item = 4 if self.dtype == "float32" else 2
+        if s.arch == "RRDBNet":
+            body = (s.num_feat * 2 + 4 * s.num_grow) / (s.unshuffle * s.unshuffle)
+            # The widest tensors sit at output resolution: upsampled features, conv out, hr conv.
+            return int(item * max(body, 3 * s.num_feat * s.scale * s.scale) + 64)
+        return int(item * (3 * s.num_feat + 4 * 3 * s.scale * s.scale) + 64)
+
+    def __call__(self, batch: Any) -> Any:
+        """Run the net on an NCHW float tensor in [0, 1] already on `device`; returns it clamped."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(batch.to(getattr(torch, self.dtype)))
+            return out.clamp_(0, 1)
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"`device` is {device!r} but CUDA is not available on this machine; use `cpu`")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"`device` must be like `cpu`, `cuda` or `cuda:1`; got {device!r}") from None
+    return device
+
+
+def _resolve_dtype(dtype: str | None, device: str) -> str:
+    if dtype is None:
+        return "float16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise InputError(f"`dtype` must be one of {', '.join(sorted(set(DTYPES)))}; got {dtype!r}")
+    resolved = DTYPES[dtype]
+    if device == "cpu" and resolved == "float16":
+        raise InputError("`dtype` fp16 is not supported on CPU; use fp32 (or bf16)")
+    return resolved
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{path}: cannot read safetensors file ({exc})") from None
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types (UnpicklingError, IndexError, ...) on junk
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: cannot read weight file ({first})") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: weight file holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def build_module(spec: ArchSpec) -> Any:
+    """A fresh (randomly initialised) network for `spec`."""
+    from imagegen.upscale import arch
+
+    cls = getattr(arch, spec.arch)
+    return cls(**spec.kwargs)
+
+
+def load_upscaler(path: str | Path, *, device: str | None = None, dtype: str | None = None) -> Upscaler:
+    """Load a `.pth` (torch.load, weights_only) or `.safetensors` Real-ESRGAN/ESRGAN weight file.
+
+    Detects RRDBNet (BasicSR or old ESRGAN keys, x1/x2/x4, any block count and width) and
+    SRVGGNetCompact. Raises `InputError` for a missing file or bad `device`/`dtype`, and
+    `ModelError` for an unreadable file or an unknown layout (the message lists the known ones).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"`model` file not found: {path}")
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise ModelError(f"{path}: `model` must be a {', '.join(WEIGHT_SUFFIXES)} file; got {path.suffix or 'no suffix'!r}")
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    # 1. Read and unwrap the state dict.
+    state = dict(unwrap(_read_state(path)))
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(state):
+        bad = next(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+        raise ModelError(f"{path}: entry `{bad}` is not a tensor; expected a plain state dict")
+    # 2. Detect the architecture from names and shapes.
+    spec = detect({k: tuple(v.shape) for k, v in tensors.items()}, path=str(path))
+    if spec.layout == "esrgan":
+        tensors = {esrgan_to_basicsr(k, spec.num_block, spec.num_up) or k: v for k, v in tensors.items()}
+    # 3. Build our module and load strictly (any missing or extra key is an error).
+    module = build_module(spec)
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        line = str(exc).strip().splitlines()
+        raise ModelError(f"{path}: weights do not fit {spec.describe()}: {' '.join(line[1:3])[:300]}") from None
+    module.eval().requires_grad_(False)
+    module.to(device=dev, dtype=getattr(torch, dt))
+    if dev.startswith("cuda"):
+        module.to(memory_format=torch.channels_last)
+    return Upscaler(
+        arch=spec.arch, scale=spec.scale, name=path.stem, sha256=file_sha256(path), spec=spec,
+        path=path, device=dev, dtype=dt, module=module,
+    )

@@ -1,0 +1,238 @@
+"""Upscale one image file to another, streaming the biggest pass straight into the writer."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imagegen.errors import InputError
+from imagegen.upscale.meta import allow_huge_images, source_metadata, upscale_note, with_note
+from imagegen.upscale.model import Upscaler, file_sha256
+from imagegen.upscale.plan import UpscalePlan
+from imagegen.upscale.resize import hpass, resize_array, resize_strips, vpass
+from imagegen.upscale.tiling import Tiler, choose_config
+from imagegen.upscale.writers import FORMAT_ALIASES, WRITERS
+
+ALPHA_ROWS = 256  # output rows of alpha resized per Pillow call
+
+
+def read_image(src: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """RGB uint8 array, alpha uint8 array or None, and Pillow's `info` of an image file.
+
+    Raises `InputError` when the file is missing or not an image Pillow can read.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not src.is_file():
+        raise InputError(f"image not found: {src}")
+    try:
+        with allow_huge_images(), Image.open(src) as im:
+            info = dict(im.info)
+            im.load()
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            if im.mode.startswith("I;16") or im.mode == "I":
+                im = im.point(lambda v: v / 256).convert("L")
+            rgba = im.convert("RGBA" if has_alpha else "RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"cannot read image {src}: {exc}") from None
+    arr = np.asarray(rgba)
+    if has_alpha:
+        return np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3]), info
+    return arr, None, info
+
+
+def _timed(it: Iterable[np.ndarray], timings: dict[str, float], key: str) -> Iterator[np.ndarray]:
+    it = iter(it)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+            return
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        yield item
+
+
+def _add_alpha(strips: Iterable[np.ndarray], alpha: np.ndarray, size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Join colour strips with the source alpha Lanczos-resized straight to `size`, strip by strip."""
+    h_src = alpha.shape[0]
+    wide = hpass(alpha, size[0])  # source rows at the output width (small: source height)
+    y = 0
+    for strip in strips:
+        n = strip.shape[0]
+        a = vpass(wide, h_src, size[1], y, y + n)
+        yield np.concatenate([strip, a[..., None]], axis=2)
+        y += n
+
+
+def _atomic_write(dst: Path, write: Callable[[Any], None]) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(dst.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def upscale_image(
+    src: Path,
+    dst: Path,
+    upscaler: Upscaler,
+    plan: UpscalePlan,
+    *,
+    tile: int | None = None,
+    fmt: str = "tif",
+    progress: Callable[[int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
+) -> Path:
+    """Upscale `src` following `plan` and write `dst` atomically (temp name, fsync, rename).
+
+    `tile` is the tile side in input pixels (None: from free memory; 0: whole image, no tiling).
+    `fmt` is tif (tiled Deflate BigTIFF), png or jpg. `progress(done, total)` counts tiles over
+    all passes. `timings`, if given, receives seconds spent in `read`, `model` (tiles and
+    blending), `resize` and `encode` (compression and writing).
+
+    Metadata: the source's `parameters` text with an upscale note appended (`Upscaler`,
+    `Upscaler hash` = first 10 hex of the weights' sha256, `Upscale passes`, `Final size`) and
+    the source's `imagegen` JSON plus an `upscale` object. PNG: `parameters` and `imagegen`
+    text chunks; TIFF: ImageDescription (ASCII) plus private tags 65000 (`parameters`, UTF-8)
+    and 65001 (`imagegen`, UTF-8); JPEG: EXIF UserComment and a COM segment.
+
+    Raises `InputError` for an unreadable source, a plan made for another size or scale, an
+    unknown `fmt` or a `dst` suffix that does not match it.
+    """
+    src, dst = Path(src), Path(dst)
+    t_all = time.perf_counter()
+    tm: dict[str, float] = {}
+    # 1. Check inputs.
+    fmt_key = FORMAT_ALIASES.get(fmt.lower()) if isinstance(fmt, str) else None
+    if fmt_key is None:
+        raise InputError(f"`format` must be one of tif, png, jpg; got {fmt!r}")
+    if FORMAT_ALIASES.get(dst.suffix.lower().lstrip(".")) != fmt_key:
+        raise InputError(f"output name {dst.name} does not end in a .{fmt_key} suffix for `format` {fmt}")
+    if plan.model_scale != upscaler.scale:
+        raise InputError(f"plan made for a x{plan.model_scale} model but `{upscaler.name}` is x{upscaler.scale}")
+    t0 = time.perf_counter()
+    rgb, alpha, info = read_image(src)
+    h, w = rgb.shape[:2]
+    if (w, h) != plan.source_size:
+        raise InputError(f"plan made for {plan.source_size[0]}x{plan.source_size[1]} but {src} is {w}x{h}")
+    tm["read"] = time.perf_counter() - t0
+
+    # 2. Tile layout per model pass, and a progress total over all passes.
+    tiler = Tiler(upscaler)
+    configs = []
+    total = 0
+    for step in plan.steps:
+        if step.kind == "model":
+            cfg = choose_config(upscaler, *step.in_size, tile)
+            configs.append(cfg)
+            total += tiler.tile_count(*step.in_size, cfg)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    tiler.progress = tick
+    if progress is not None:
+        progress(0, total)
+
+    # 3. All passes but the last one are held in memory as uint8 (they are smaller than the output).
+    last_model = max(i for i, s in enumerate(plan.steps) if s.kind == "model")
+    image = rgb
+    pass_no = 0
+    for step in plan.steps[:last_model]:
+        if step.kind == "model":
+            out = np.empty((step.out_size[1], step.out_size[0], 3), np.uint8)
+            y = 0
+            for strip in _timed(tiler.strips(image, configs[pass_no]), tm, "model"):
+                out[y : y + strip.shape[0]] = strip
+                y += strip.shape[0]
+            image = out
+            pass_no += 1
+        else:
+            t0 = time.perf_counter()
+            image = resize_array(image, step.out_size)
+            tm["resize"] = tm.get("resize", 0.0) + time.perf_counter() - t0
+
+    # 4. The last pass streams: tiles -> strips -> (final Lanczos) -> (alpha) -> writer.
+    #    Each stage is timed inclusively (it pulls the stage before it); exclusive times below.
+    last = plan.steps[last_model]
+    tail = plan.steps[last_model + 1 :]
+    if len(tail) > 1 or any(s.kind != "resize" for s in tail):
+        raise InputError("plan has more than one step after its last model pass")
+    strips: Iterable[np.ndarray] = _timed(tiler.strips(image, configs[pass_no]), tm, "last_model")
+    if tail:
+        strips = _timed(resize_strips(strips, last.out_size, tail[0].out_size), tm, "last_resize")
+    if alpha is not None:
+        strips = _timed(_add_alpha(strips, alpha, plan.final_size), tm, "last_alpha")
+    channels = 3 if alpha is None else 4
+
+    # 5. Metadata.
+    params, data = source_metadata(info)
+    note = upscale_note(upscaler.name, upscaler.short_hash, plan)
+    data = dict(data or {})
+    if "upscale" in data:
+        data["previous_upscale"] = data.pop("upscale")
+    data["upscale"] = {
+        "model": upscaler.name,
+        "model_sha256": upscaler.sha256,
+        "arch": upscaler.spec.describe(),
+        "model_scale": upscaler.scale,
+        "passes": plan.passes,
+        "steps": [{"kind": s.kind, "in": list(s.in_size), "out": list(s.out_size)} for s in plan.steps],
+        "final_size": list(plan.final_size),
+        "tile": configs[-1].tile,
+        "overlap": configs[-1].overlap,
+        "device": upscaler.device,
+        "dtype": upscaler.dtype,
+        "format": fmt_key,
+        "source": {"file": src.name, "sha256": file_sha256(src), "size": [w, h], "alpha": alpha is not None},
+    }
+
+    # 6. Write atomically.
+    writer = WRITERS[fmt_key]
+    fw, fh = plan.final_size
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    _atomic_write(dst, lambda f: writer(f, strips, fw, fh, channels, with_note(params, note), data))
+    t_write = time.perf_counter() - t0
+    # 7. Exclusive times per stage.
+    last_model_s = tm.pop("last_model", 0.0)
+    last_resize_s = tm.pop("last_resize", 0.0)
+    last_alpha_s = tm.pop("last_alpha", 0.0)
+    tm["model"] = tm.get("model", 0.0) + last_model_s
+    if tail:
+        tm["resize"] = tm.get("resize", 0.0) + last_resize_s - last_model_s
+    outer_s = last_resize_s if tail else last_model_s
+    if alpha is not None:
+        tm["alpha"] = last_alpha_s - outer_s
+        outer_s = last_alpha_s
+    tm["encode"] = t_write - outer_s
+    tm["total"] = time.perf_counter() - t_all
+    if timings is not None:
+        timings.update(tm)
+    return dst
