@@ -491,8 +491,10 @@ def write_sheets(
 
     Each page is written atomically; sheets numbered past the last page (from an earlier,
     larger run) are removed. `by` starts a section per value of that axis; `x`/`y` lay out a
-    labelled grid, with the other varying axes making separate grids. Raises InputError for
-    an unknown axis name, x == y, or caps too small for one row of cells.
+    labelled grid, with the other varying axes making separate grids. A missing or unreadable
+    thumbnail is drawn as a grey "no thumbnail" box. Raises InputError for an unknown axis
+    name, the same axis twice, or caps too small for one row of cells; ValueError if two
+    items share an index; OSError if `out_dir` cannot be written.
     """
     from PIL import Image  # noqa: F401  (fail here, not half-way, if Pillow is missing)
 
