@@ -1,6 +1,7 @@
 """Command-line interface: `imagegen COMMAND ...`.
 
 Each area registers its commands from its own module; importing them here wires them up.
+None of them imports torch at module level.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import sys
 
 from imagegen.cli.app import app, run_app
 from imagegen.cli import recipes as _recipes  # noqa: F401  validate, plan
+from imagegen.cli import render as _render  # noqa: F401  render, status, reproduce
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run_app"]
 
 
 def main() -> None:

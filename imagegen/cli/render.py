@@ -1,0 +1,303 @@
+"""`imagegen render`, `imagegen status`, `imagegen reproduce`."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from imagegen.cli.app import app, err
+from imagegen.errors import ImagegenError, InputError, RecipeError
+
+EXIT_FAILED_JOBS = 1
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+PLAIN_EVERY = 5.0  # seconds between plain progress lines without a terminal
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Reporter:
+    """Turns render events into what a person sees: a rich progress bar on a terminal, plain
+    timestamped lines at most every few seconds otherwise, or JSON lines with --json."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode  # "bar" | "plain" | "json"
+        self.progress = None
+        self.task = None
+        self.total = 0
+        self.done = 0
+        self.failed = 0
+        self.t0 = time.monotonic()
+        self.last_line = 0.0
+        self.oom_said = False
+
+    @staticmethod
+    def choose(as_json: bool) -> "Reporter":
+        if as_json:
+            return Reporter("json")
+        return Reporter("bar" if sys.stderr.isatty() else "plain")
+
+    def line(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        if self.progress is not None:
+            self.progress.console.print(f"{stamp} {text}", highlight=False)
+        else:
+            err(f"{stamp} {text}")
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if self.mode == "json":
+            typer.echo(json.dumps(event, ensure_ascii=False, default=str))
+            sys.stdout.flush()
+            return
+        if kind == "start":
+            self.total = event["to_render"]
+            extra = []
+            if event["adopted"]:
+                extra.append(f"{event['adopted']} finished images adopted after a crash")
+            if event["temp_removed"]:
+                extra.append(f"{event['temp_removed']} half-written files removed")
+            if event["reset_missing"]:
+                extra.append(f"{event['reset_missing']} missing images queued again")
+            if event["orphaned"]:
+                extra.append(f"{event['orphaned']} images no longer in the recipe kept (see `imagegen status`)")
+            self.line(f"{event['recipe']}: {event['planned']} jobs, {event['done']} done, {self.total} to render"
+                      + (f"; {'; '.join(extra)}" if extra else ""))
+        elif kind == "loaded":
+            self.line(f"model {event['model']} ({event['family']}) on {event['device']} {event['dtype']}, "
+                      f"batch {event['batch_size']}, loaded in {event['seconds']:.1f}s")
+            self.t0 = time.monotonic()
+            if self.mode == "bar" and self.total:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.progress = Progress(TextColumn("[bold]render"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                                         console=__import__("rich.console").console.Console(stderr=True), transient=False)
+                self.progress.start()
+                self.task = self.progress.add_task("render", total=self.total, rate="")
+        elif kind in ("image", "failed"):
+            if kind == "image":
+                self.done += 1
+            else:
+                self.failed += 1
+                self.line(f"job {event['index']} failed: {event['error']}")
+            elapsed = time.monotonic() - self.t0
+            rate = (self.done + self.failed) / elapsed if elapsed > 0 else 0.0
+            if self.progress is not None:
+                self.progress.update(self.task, completed=self.done + self.failed, rate=f"{rate:.2f} img/s")
+            elif self.mode == "plain" and time.monotonic() - self.last_line >= PLAIN_EVERY:
+                self.last_line = time.monotonic()
+                left = self.total - self.done - self.failed
+                self.line(f"{self.done + self.failed}/{self.total} ({self.failed} failed), {rate:.2f} img/s, "
+                          f"ETA {_fmt_eta(left / rate if rate else None)}")
+        elif kind == "oom":
+            self.line(event["message"])
+        elif kind == "finish":
+            self.stop()
+            state = f"interrupted by {event['interrupted']}" if event["interrupted"] else "finished"
+            self.line(f"{event['recipe']}: {state}: {event['rendered']} rendered, {event['failed']} failed, {event['left']} left, "
+                      f"{event['already_done']} were already done; {event['images_per_second']:.2f} img/s; {event['folder']}")
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the render to stop after the current batch; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.reason and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = name
+        err(f"imagegen: {name}: finishing the images already generated, then stopping (Ctrl-C again to abort now)")
+
+    def __call__(self) -> str | None:
+        return self.reason
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _dry_run(recipe: Any, output: Path, limit: int | None, retry_failed: bool) -> None:
+    from imagegen.plan import plan
+    from imagegen.store import MANIFEST, RunStore
+
+    jobs = plan(recipe)
+    done: set[str] = set()
+    failed: set[str] = set()
+    if (output / MANIFEST).exists():
+        store = RunStore.open(output, create=False, lock=False)
+        try:
+            for row in store.rows(include_orphans=True):
+                if row.status == "done":
+                    done.add(row.id)
+                elif row.status == "failed" and not retry_failed:
+                    failed.add(row.id)
+        finally:
+            store.close()
+    todo = [j for j in jobs if j.id not in done and j.id not in failed]
+    if limit is not None:
+        todo = todo[:limit]
+    typer.echo(f"{recipe.name}: {len(jobs)} jobs, {len(done & {j.id for j in jobs})} done, "
+               f"{len(failed)} failed (use --retry-failed), would render {len(todo)} into {output}")
+    for j in todo[:20]:
+        typer.echo(f"  {j.index:>5} {j.id} seed {j.seed} {j.width}x{j.height} {j.steps} steps {j.scheduler} :: {j.prompt[:70]}")
+    if len(todo) > 20:
+        typer.echo(f"  ... and {len(todo) - 20} more")
+
+
+@app.command()
+def render(
+    recipes: List[Path] = typer.Argument(..., metavar="RECIPE...", help="Recipes to render, one after another.", show_default=False),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)."),
+    dtype: Optional[str] = typer.Option(None, help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override the recipe's batch_size."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Render at most N pending jobs (per recipe)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be rendered; touch nothing."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Render failed jobs again."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for another render holding the run folder instead of stopping."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop the queue at the first recipe that fails to validate."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: the recipe's `output`)."),
+    no_sheet: bool = typer.Option(False, "--no-sheet", help="Do not write contact sheets at the end."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Allow hub ids (network access)."),
+) -> None:
+    """Render recipes into their run folders; resumable, one GPU run per folder at a time."""
+    from imagegen.recipe import load_recipe
+    from imagegen.render import RenderOptions, render_recipe
+    from imagegen.store import DiskFullError, RunStore
+
+    if output is not None and len(recipes) > 1:
+        raise InputError("`--output` takes one recipe; each recipe has its own `output:`")
+    resume_cmd = "imagegen " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("imagegen") else \
+        "imagegen render " + shlex.join(str(r) for r in recipes)
+    invalid = 0
+    failed_jobs = 0
+    with StopFlag() as stop:
+        for path in recipes:
+            try:
+                recipe = load_recipe(path, allow_download=allow_download)
+            except RecipeError as exc:
+                err(exc.message)
+                invalid += 1
+                if fail_fast:
+                    raise typer.Exit(2)
+                continue
+            folder = output or recipe.output
+            if dry_run:
+                _dry_run(recipe, folder, limit, retry_failed)
+                continue
+            reporter = Reporter.choose(as_json)
+            store = RunStore.open(folder, wait=wait)
+            try:
+                refresh = None if no_sheet else (lambda: _sheets_quietly(store))
+                summary = render_recipe(
+                    recipe, store, on_event=reporter, should_stop=stop, on_refresh=refresh,
+                    options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
+                                          batch_size=batch_size, allow_download=allow_download),
+                )
+                if not no_sheet and (summary.rendered or not (store.sheets / "index.html").exists()):
+                    _sheets_quietly(store)
+            except DiskFullError:
+                reporter.stop()
+                raise
+            finally:
+                reporter.stop()
+                store.close()
+            failed_jobs += summary.failed
+            if summary.interrupted:
+                err(f"imagegen: stopped by {summary.interrupted}; to resume: {resume_cmd}")
+                raise typer.Exit(EXIT_INTERRUPTED.get(summary.interrupted, 130))
+    if invalid:
+        raise typer.Exit(2)
+    if failed_jobs:
+        err(f"imagegen: {failed_jobs} jobs failed; `imagegen status` shows them, `--retry-failed` renders them again")
+        raise typer.Exit(EXIT_FAILED_JOBS)
+
+
+def _sheets_quietly(store: Any) -> None:
+    """Refresh the contact sheets of a run; a sheet problem never fails a render."""
+    try:
+        from imagegen.runsheets import write_run_sheets
+
+        write_run_sheets(store)
+    except ImportError:
+        return
+    except (ImagegenError, OSError) as exc:
+        err(f"imagegen: contact sheets not refreshed: {exc}")
+
+
+@app.command()
+def status(
+    runs: List[Path] = typer.Argument(..., metavar="RUN...", help="Run folders.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Where a run stands: done, pending, failed, orphaned, rate, last error, time left."""
+    from imagegen.store import RunStore
+
+    reports = []
+    for run in runs:
+        store = RunStore.open(run, create=False, lock=False)
+        try:
+            reports.append(store.status())
+        finally:
+            store.close()
+    if as_json:
+        typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=1, default=str))
+        return
+    for s in reports:
+        rate = f"{s['rate']:.2f} img/s" if s["rate"] else "n/a"
+        typer.echo(f"{s['folder']} ({s['recipe']}): {s['done']}/{s['total']} done, {s['pending']} pending, {s['failed']} failed, "
+                   f"{s['orphaned']} orphaned; rate {rate}; time left {_fmt_eta(s['eta_seconds'])}")
+        if s["last_error"]:
+            e = s["last_error"]
+            typer.echo(f"  last error: job {e['index']} ({e['id']}): {e['error']}")
+        for o in s["orphans"][:10]:
+            typer.echo(f"  orphaned (no longer in the recipe, kept): {o['id']} {o['file'] or '(no image)'}")
+        if len(s["orphans"]) > 10:
+            typer.echo(f"  ... and {len(s['orphans']) - 10} more orphaned")
+
+
+@app.command()
+def reproduce(
+    image: Path = typer.Argument(..., help="A PNG rendered by imagegen.", show_default=False),
+    device: Optional[str] = typer.Option(None, help="Device (default: as for render)."),
+    dtype: Optional[str] = typer.Option(None, help="dtype (default: as for render)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also save the new render here."),
+    tolerance: int = typer.Option(1, help="Largest per-channel difference (0-255) that still counts as a match."),
+) -> None:
+    """Re-render one image from its own metadata and report whether the pixels match."""
+    from imagegen.reproduce import reproduce_image
+
+    result = reproduce_image(image, device=device, dtype=dtype, out=out)
+    verdict = "match" if result.max_diff <= tolerance else "DIFFERENT"
+    typer.echo(f"{image}: {verdict}: max pixel difference {result.max_diff}/255, mean {result.mean_diff:.4f} "
+               f"(job {result.index}, seed {result.seed}, {result.device} {result.dtype})")
+    if result.max_diff > tolerance:
+        raise typer.Exit(1)

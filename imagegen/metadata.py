@@ -1,0 +1,198 @@
+"""PNG text chunks in and out: A1111 `parameters` infotext and full JSON provenance.
+
+`parameters` follows A1111's layout exactly, so A1111's PNG Info, civitai and sd-parsers read
+our images::
+
+    a red vase <lora:style:0.8>
+    Negative prompt: blurry
+    Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 1024x1024, Model hash: 0123456789, Model: sd_xl_base_1.0, Lora hashes: "style: 0123456789ab", Version: imagegen 0.1.0
+
+Values that contain `,`, `:` or a newline are JSON-quoted, as A1111 does. LoRAs appear as
+`<lora:name:weight>` tags after the prompt (how A1111 records and re-applies them).
+The `imagegen` chunk holds JSON: the job's canonical content (enough to re-render it),
+recipe name and hash, model and LoRA sha256, scheduler config, library versions, device,
+dtype and timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from imagegen.samplers import from_infotext, lookup_sampler
+
+PARAMETERS_KEY = "parameters"
+PROVENANCE_KEY = "imagegen"
+MODEL_HASH_LEN = 10  # A1111 "Model hash": first 10 hex of the file's sha256
+LORA_HASH_LEN = 12  # A1111 "Lora hashes": first 12 hex
+
+
+def a1111_quote(value: Any) -> str:
+    """Quote a value as A1111 does: JSON when it contains `,`, `:` or a newline."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text and '"' not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def format_parameters(
+    *,
+    prompt: str,
+    negative: str,
+    steps: int,
+    scheduler: str,
+    guidance: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_name: str,
+    model_hash: str | None = None,
+    loras: list[tuple[str, float, str | None]] = (),  # (name, weight, sha256 or None)
+    clip_skip: int = 1,
+    version: str = "",
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """The A1111 infotext for one image."""
+    spec = lookup_sampler(scheduler)
+    sampler = spec.a1111_sampler if spec else scheduler
+    tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight, _ in loras)
+    lines = [prompt + tags]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    fields: list[tuple[str, Any]] = [("Steps", steps), ("Sampler", sampler)]
+    if spec and spec.schedule_type:
+        fields.append(("Schedule type", spec.schedule_type))
+    fields += [("CFG scale", f"{guidance:g}"), ("Seed", seed), ("Size", f"{width}x{height}")]
+    if model_hash:
+        fields.append(("Model hash", model_hash[:MODEL_HASH_LEN]))
+    fields.append(("Model", model_name))
+    if clip_skip and clip_skip > 1:
+        fields.append(("Clip skip", clip_skip))
+    hashed = [(n, h) for n, _, h in loras if h]
+    if hashed:
+        fields.append(("Lora hashes", ", ".join(f"{n}: {h[:LORA_HASH_LEN]}" for n, h in hashed)))
+    for key, value in (extra or {}).items():
+        fields.append((key, value))
+    if version:
+        fields.append(("Version", version))
+    lines.append(", ".join(f"{k}: {a1111_quote(v)}" for k, v in fields))
+    return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*([\w][\w \-/]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([-+0-9.eE]+)(?::[^>]*)?>")
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Parse A1111 infotext into `prompt`, `negative`, `loras` [(name, weight)] and the fields
+    of the last line (values unquoted, as strings)."""
+    lines = text.strip("\n").split("\n")
+    fields: dict[str, str] = {}
+    if lines and len(_FIELD.findall(lines[-1])) >= 3:
+        for key, value in _FIELD.findall(lines[-1]):
+            if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            fields[key.strip()] = value.strip() if isinstance(value, str) else value
+        lines = lines[:-1]
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].lstrip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    prompt = "\n".join(prompt_lines)
+    loras = [(m.group(1), float(m.group(2))) for m in _LORA_TAG.finditer(prompt)]
+    prompt = _LORA_TAG.sub("", prompt).strip()
+    out: dict[str, Any] = {"prompt": prompt, "negative": "\n".join(negative_lines), "loras": loras}
+    out.update(fields)
+    spec = from_infotext(fields.get("Sampler", ""), fields.get("Schedule type", ""))
+    if spec is not None:
+        out["scheduler"] = spec.name
+    return out
+
+
+def png_text_chunks(parameters: str, provenance: dict) -> "Any":
+    """A PIL PngInfo with our two text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters)  # tEXt when latin-1, else iTXt (as A1111)
+    info.add_text(PROVENANCE_KEY, json.dumps(provenance, ensure_ascii=False, sort_keys=True), zip=True)
+    return info
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """The text chunks that precede the pixel data (where we and A1111 write them), without
+    decoding the pixels. Raises OSError if the file is unreadable."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return {k: str(v) for k, v in im.info.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    """The `imagegen` JSON of an image, or None when absent or unreadable."""
+    try:
+        text = read_png_text(path).get(PROVENANCE_KEY)
+        return json.loads(text) if text else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+# --- file hashes, computed once --------------------------------------------------------------
+
+_CACHE_LOCK = threading.Lock()
+
+
+def _hash_cache_path() -> Path:
+    base = os.environ.get("IMAGEGEN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imagegen")
+    return Path(base) / "file-hashes.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file (or, for a folder, of its files' names and hashes), cached by
+    (absolute path, size, mtime) so multi-GB checkpoints are hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    with _CACHE_LOCK:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return cache[key]
+    if path.is_dir():
+        h = hashlib.sha256()
+        for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(sub.relative_to(path)).encode() + b"\0" + sha256_file(sub).encode())
+        digest = h.hexdigest()
+    else:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    with _CACHE_LOCK:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache[key] = digest
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only cache only costs time
+    return digest

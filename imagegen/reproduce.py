@@ -1,0 +1,60 @@
+"""Re-render an image from the metadata inside it and compare the pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagegen.errors import InputError
+from imagegen.metadata import read_provenance
+
+
+@dataclass
+class Reproduction:
+    index: int | None
+    seed: int
+    max_diff: int
+    mean_diff: float
+    device: str
+    dtype: str
+
+
+def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str | None = None,
+                    out: str | Path | None = None, open_engine=None) -> Reproduction:
+    """Render the job recorded in `path`'s `imagegen` metadata again and compare.
+
+    Raises InputError when the file has no imagegen metadata, ModelError when the model or a
+    LoRA it names is gone."""
+    import numpy as np
+    from PIL import Image
+
+    from imagegen.engine import GenRequest
+    from imagegen.engine import open_engine as default_open
+
+    path = Path(path)
+    prov = read_provenance(path)
+    if not prov or "content" not in prov:
+        raise InputError(f"{path}: no imagegen metadata (only images rendered by imagegen can be reproduced)")
+    c = prov["content"]
+    for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"])]:
+        if ref and not ref.startswith("builtin:") and not Path(ref).exists():
+            raise InputError(f"{path}: the image was rendered with `{ref}`, which is no longer there")
+    engine = (open_engine or default_open)(c["model"], family=prov.get("family") or "auto", vae=c.get("vae"),
+                                           device=device, dtype=dtype)
+    engine.set_loras([(p, w) for p, w in c["loras"]])
+    w, h = c["size"]
+    [result] = engine.generate([GenRequest(c["prompt"], c["negative"], c["seed"], w, h, c["steps"], c["guidance"],
+                                           c["scheduler"], c["clip_skip"])])
+    if result.image is None:
+        raise InputError(f"{path}: the new render failed: {result.error}")
+    with Image.open(path) as im:
+        old = np.asarray(im.convert("RGB"), dtype=np.int16)
+    new = np.asarray(result.image.convert("RGB"), dtype=np.int16)
+    if old.shape != new.shape:
+        diff_max, diff_mean = 255, 255.0
+    else:
+        d = np.abs(old - new)
+        diff_max, diff_mean = int(d.max()), float(d.mean())
+    if out is not None:
+        result.image.save(out)
+    return Reproduction(prov.get("index"), c["seed"], diff_max, diff_mean, engine.device, engine.dtype)

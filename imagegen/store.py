@@ -1,0 +1,421 @@
+"""The run folder: its SQLite manifest, atomic files, the lock, reconciliation and picks.
+
+Layout::
+
+    RUN/recipe.yaml         frozen copy of the recipe last rendered (+ recipe.sha256)
+    RUN/recipe-history/     earlier versions, by hash
+    RUN/manifest.sqlite     jobs, status, file hashes, timings (WAL mode)
+    RUN/images/0042-<id>.png
+    RUN/thumbs/0042-<id>.jpg
+    RUN/sheets/             contact sheets and index.html
+    RUN/picks.txt           picked job indices, editable by hand
+    RUN/log.jsonl           one event per line
+
+Invariants: a file under images/ is complete or absent (temporary name in the same folder,
+fsync, rename); after a crash `reconcile()` makes the manifest and the files agree again,
+never deleting a finished image. Knows nothing about diffusers or torch.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from imagegen.errors import ImagegenError, InputError, RunLockedError
+
+TMP_PREFIX = ".tmp-"
+IMAGE_NAME = re.compile(r"^(\d+)-([0-9a-f]{12})\.png$")
+MANIFEST = "manifest.sqlite"
+
+# Add-only, numbered schema migrations; each runs once, in order, recorded in `_migrations`.
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "001_jobs",
+        """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            idx INTEGER NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'failed')),
+            in_plan INTEGER NOT NULL DEFAULT 1,
+            file TEXT,
+            sha256 TEXT,
+            thumb TEXT,
+            seconds REAL,
+            finished_at REAL,
+            error TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            job TEXT NOT NULL
+        );
+        CREATE INDEX jobs_by_idx ON jobs (in_plan, idx);
+        CREATE INDEX jobs_by_status ON jobs (status);
+        """,
+    ),
+    ("002_meta", "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"),
+    ("003_picks", "CREATE TABLE picks (idx INTEGER PRIMARY KEY, id TEXT, added_at REAL NOT NULL);"),
+)
+
+
+class DiskFullError(ImagegenError):
+    """The disk filled up while writing; what was finished is kept."""
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either complete or absent, even after kill -9."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def image_name(index: int, job_id: str) -> str:
+    return f"{index:04d}-{job_id}.png"
+
+
+def thumb_name(index: int, job_id: str) -> str:
+    return f"{index:04d}-{job_id}.jpg"
+
+
+@dataclass
+class ReconcileReport:
+    temp_removed: int = 0
+    adopted: int = 0
+    reset_missing: int = 0
+    renamed: int = 0
+    untracked: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobRow:
+    id: str
+    index: int
+    status: str
+    in_plan: bool
+    file: str | None
+    sha256: str | None
+    thumb: str | None
+    seconds: float | None
+    finished_at: float | None
+    error: str | None
+    attempts: int
+    job: dict
+
+
+class RunStore:
+    """An open, locked run folder. Use `RunStore.open(...)` and `close()` (or `with`)."""
+
+    def __init__(self, folder: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
+        self.folder = folder
+        self.images = folder / "images"
+        self.thumbs = folder / "thumbs"
+        self.sheets = folder / "sheets"
+        self.picks_file = folder / "picks.txt"
+        self.log_file = folder / "log.jsonl"
+        self._conn = conn
+        self._lock_fd = lock_fd
+
+    # --- opening, locking, schema ------------------------------------------------------------
+
+    @classmethod
+    def open(cls, folder: str | Path, *, wait: bool = False, create: bool = True, lock: bool = True) -> "RunStore":
+        """Open (and by default create and lock) a run folder.
+
+        Raises RunLockedError when another process renders into it (unless `wait`), InputError
+        when `create` is False and the folder is not a run folder."""
+        folder = Path(folder)
+        if not create and not (folder / MANIFEST).exists():
+            raise InputError(f"{folder}: not a run folder (no {MANIFEST}); render a recipe into it first")
+        for sub in ("", "images", "thumbs", "sheets"):
+            if create:
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+        lock_fd = cls._lock(folder, wait) if lock else None
+        try:
+            conn = sqlite3.connect(folder / MANIFEST, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.row_factory = sqlite3.Row
+            store = cls(folder, conn, lock_fd)
+            store._migrate()
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return store
+
+    @staticmethod
+    def _lock(folder: Path, wait: bool) -> int:
+        path = folder / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except (ValueError, OSError):
+                holder = {}
+            os.close(fd)
+            who = f"PID {holder.get('pid', '?')}" + (f" on {holder['host']}" if holder.get("host") else "")
+            since = time.strftime(" since %Y-%m-%d %H:%M", time.localtime(holder["since"])) if holder.get("since") else ""
+            raise RunLockedError(f"{folder}: another imagegen ({who}{since}) is rendering into this run folder; "
+                                 "wait for it to finish or pass --wait") from None
+        # The kernel drops a flock when its process dies, so a lock left by a killed run is
+        # simply taken over here; the PID inside is informational.
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        return fd
+
+    def _migrate(self) -> None:
+        c = self._conn
+        c.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+        done = {row[0] for row in c.execute("SELECT name FROM _migrations")}
+        for number, (name, sql) in enumerate(MIGRATIONS, 1):
+            if name in done:
+                continue
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, sql.split(";")):
+                    c.execute(statement)
+                c.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, ?)", (number, name, time.time()))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- recipe and metadata -----------------------------------------------------------------
+
+    def freeze_recipe(self, text: str, sha256: str, name: str) -> None:
+        """Keep the exact recipe text rendered (earlier versions go to recipe-history/)."""
+        current = self.folder / "recipe.yaml"
+        old_sha = self.get_meta("recipe_sha256")
+        if old_sha and old_sha != sha256 and current.exists():
+            hist = self.folder / "recipe-history"
+            hist.mkdir(exist_ok=True)
+            atomic_write_bytes(hist / f"{old_sha[:12]}.yaml", current.read_bytes())
+        if old_sha != sha256 or not current.exists():
+            atomic_write_bytes(current, text.encode("utf-8"))
+            atomic_write_bytes(self.folder / "recipe.sha256", f"{sha256}  recipe.yaml\n".encode())
+        self.set_meta("recipe_sha256", sha256)
+        self.set_meta("recipe_name", name)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def sync_plan(self, jobs: Sequence[dict]) -> dict[str, int]:
+        """Record the current plan: new jobs become pending, known ones take their new index,
+        jobs no longer planned are marked orphaned (kept, never deleted)."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            before = {row[0] for row in c.execute("SELECT id FROM jobs")}
+            c.execute("UPDATE jobs SET in_plan = 0")
+            c.executemany(
+                "INSERT INTO jobs (id, idx, job) VALUES (?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET idx = excluded.idx, job = excluded.job, in_plan = 1",
+                [(j["id"], j["index"], json.dumps(j, ensure_ascii=False)) for j in jobs],
+            )
+            orphaned = c.execute("SELECT COUNT(*) FROM jobs WHERE in_plan = 0").fetchone()[0]
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        ids = {j["id"] for j in jobs}
+        return {"new": len(ids - before), "kept": len(ids & before), "orphaned": orphaned}
+
+    def reconcile(self, verify: Callable[[Path, str], bool] | None = None) -> ReconcileReport:
+        """Make manifest and files agree after a crash.
+
+        Removes temporary files; adopts complete images that have no `done` row (after
+        `verify(path, job_id)` returns True); puts `done` rows whose file is gone back to
+        pending; renames images whose job index changed with a recipe edit."""
+        report = ReconcileReport()
+        for folder in (self.images, self.thumbs, self.sheets, self.folder):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if p.name.startswith(TMP_PREFIX):
+                        p.unlink(missing_ok=True)
+                        report.temp_removed += 1
+        on_disk: dict[str, Path] = {}
+        for p in self.images.glob("*.png"):
+            m = IMAGE_NAME.match(p.name)
+            if m:
+                on_disk[m.group(2)] = p
+            else:
+                report.untracked.append(p.name)
+        rows = {r.id: r for r in self.rows(include_orphans=True)}
+        c = self._conn
+        for job_id, path in on_disk.items():
+            row = rows.get(job_id)
+            if row is None:
+                report.untracked.append(path.name)
+                continue
+            target = self.images / image_name(row.index, job_id) if row.in_plan else path
+            if row.status != "done":
+                if verify is not None and not verify(path, job_id):
+                    report.untracked.append(path.name)
+                    continue
+                sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                c.execute("UPDATE jobs SET status = 'done', sha256 = ?, error = NULL, finished_at = ? WHERE id = ?",
+                          (sha, path.stat().st_mtime, job_id))
+                report.adopted += 1
+            if path != target:
+                os.replace(path, target)
+                old_thumb = self.thumbs / (path.stem + ".jpg")
+                if old_thumb.exists():
+                    os.replace(old_thumb, self.thumbs / thumb_name(row.index, job_id))
+                report.renamed += 1
+                path = target
+            thumb = self.thumbs / (path.stem + ".jpg")
+            c.execute("UPDATE jobs SET file = ?, thumb = ? WHERE id = ?",
+                      (str(path.relative_to(self.folder)), str(thumb.relative_to(self.folder)) if thumb.exists() else None, job_id))
+        for row in rows.values():
+            if row.status == "done" and row.id not in on_disk:
+                c.execute("UPDATE jobs SET status = 'pending', file = NULL, sha256 = NULL, thumb = NULL WHERE id = ?", (row.id,))
+                report.reset_missing += 1
+        if report.renamed:
+            fsync_dir(self.images)
+        return report
+
+    def _row(self, r: sqlite3.Row) -> JobRow:
+        return JobRow(r["id"], r["idx"], r["status"], bool(r["in_plan"]), r["file"], r["sha256"], r["thumb"], r["seconds"],
+                      r["finished_at"], r["error"], r["attempts"], json.loads(r["job"]))
+
+    def rows(self, *, include_orphans: bool = False, status: str | None = None) -> list[JobRow]:
+        """Job rows in index order (planned jobs first)."""
+        sql = "SELECT * FROM jobs"
+        where, args = [], []
+        if not include_orphans:
+            where.append("in_plan = 1")
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY in_plan DESC, idx"
+        return [self._row(r) for r in self._conn.execute(sql, args)]
+
+    def pending_ids(self, *, retry_failed: bool = False) -> list[str]:
+        """Ids of planned jobs still to render, in index order."""
+        states = ("pending", "failed") if retry_failed else ("pending",)
+        marks = ",".join("?" * len(states))
+        return [r[0] for r in self._conn.execute(f"SELECT id FROM jobs WHERE in_plan = 1 AND status IN ({marks}) ORDER BY idx", states)]
+
+    def mark_done(self, job_id: str, *, file: Path, sha256: str, thumb: Path | None, seconds: float) -> None:
+        self._conn.execute(
+            "UPDATE jobs SET status = 'done', file = ?, sha256 = ?, thumb = ?, seconds = ?, finished_at = ?, error = NULL, "
+            "attempts = attempts + 1 WHERE id = ?",
+            (str(file.relative_to(self.folder)), sha256, str(thumb.relative_to(self.folder)) if thumb else None, seconds, time.time(), job_id),
+        )
+
+    def mark_failed(self, job_id: str, error: str, seconds: float | None = None) -> None:
+        self._conn.execute(
+            "UPDATE jobs SET status = 'failed', error = ?, seconds = ?, finished_at = ?, attempts = attempts + 1 WHERE id = ?",
+            (error[:2000], seconds, time.time(), job_id),
+        )
+
+    def counts(self) -> dict[str, int]:
+        out = {"done": 0, "pending": 0, "failed": 0, "orphaned": 0, "total": 0}
+        for status, in_plan, n in self._conn.execute("SELECT status, in_plan, COUNT(*) FROM jobs GROUP BY status, in_plan"):
+            if in_plan:
+                out[status] += n
+                out["total"] += n
+            else:
+                out["orphaned"] += n
+        return out
+
+    def status(self) -> dict:
+        """Counts, recent render rate (images/s), last error and estimated time left."""
+        out: dict = self.counts()
+        out["folder"] = str(self.folder)
+        out["recipe"] = self.get_meta("recipe_name")
+        recent = [r[0] for r in self._conn.execute(
+            "SELECT finished_at FROM jobs WHERE status = 'done' AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 200")]
+        rate = None
+        if len(recent) >= 2 and recent[0] > recent[-1]:
+            rate = (len(recent) - 1) / (recent[0] - recent[-1])
+        out["rate"] = rate
+        out["eta_seconds"] = out["pending"] / rate if rate and out["pending"] else (0.0 if not out["pending"] else None)
+        row = self._conn.execute(
+            "SELECT idx, id, error FROM jobs WHERE status = 'failed' AND in_plan = 1 ORDER BY finished_at DESC LIMIT 1").fetchone()
+        out["last_error"] = {"index": row[0], "id": row[1], "error": row[2]} if row else None
+        out["orphans"] = [{"index": r.index, "id": r.id, "file": r.file} for r in self.rows(include_orphans=True) if not r.in_plan]
+        return out
+
+    # --- picks --------------------------------------------------------------------------------
+
+    def set_picks(self, indices: Iterable[int]) -> None:
+        """Mirror the pick list into the manifest (picks.txt stays the source of truth)."""
+        ids = {r.index: r.id for r in self.rows()}
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("DELETE FROM picks")
+            c.executemany("INSERT INTO picks (idx, id, added_at) VALUES (?, ?, ?)", [(i, ids.get(i), time.time()) for i in indices])
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    # --- events -------------------------------------------------------------------------------
+
+    def log(self, event: dict) -> None:
+        """Append one event to log.jsonl (with a timestamp)."""
+        line = json.dumps({"ts": round(time.time(), 3), **event}, ensure_ascii=False, default=str)
+        with open(self.log_file, "a", encoding="utf-8") as f:
+            f.write(line + "\n")

@@ -1,0 +1,304 @@
+"""End to end: `imagegen render` on the tiny built-in models, the run folder, metadata, resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sqlite3
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagegen.cli import run_app
+from imagegen.metadata import parse_parameters, read_png_text, read_provenance
+from imagegen.plan import plan
+from imagegen.recipe import load_recipe
+from imagegen.render import RenderOptions, render_recipe
+from imagegen.store import RunStore
+
+RECIPE = """
+name: small
+model:
+  checkpoint: builtin:{model}
+prompts:
+  - "a {{red|blue}} cup"
+negative: ugly, blurry
+seeds: [11, 12, 13]
+size: 64x64
+steps: 3
+guidance: 5
+scheduler: Euler a
+batch_size: 4
+output: run
+"""
+
+
+def write_recipe(tmp_path: Path, model: str = "tiny-sd15", extra: str = "", text: str | None = None) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(text or RECIPE).format(model=model) + extra)
+    return path
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+def test_render_writes_images_thumbs_metadata_and_resumes(tmp_path, capsys, model):
+    path = write_recipe(tmp_path, model)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    run = tmp_path / "run"
+    images = sorted((run / "images").glob("*.png"))
+    jobs = plan(load_recipe(path))
+    assert [p.name for p in images] == [f"{j.index:04d}-{j.id}.png" for j in jobs]
+    assert len(list((run / "thumbs").glob("*.jpg"))) == 6
+    assert (run / "recipe.yaml").read_text() == path.read_text()
+    # A1111 parameters round-trip to the job, and JSON provenance names it
+    job = jobs[4]
+    text = read_png_text(images[4])
+    params = parse_parameters(text["parameters"])
+    assert params["prompt"] == job.prompt and params["negative"] == "ugly, blurry"
+    assert params["Seed"] == str(job.seed) and params["Steps"] == "3" and params["Size"] == "64x64"
+    assert params["Sampler"] == "Euler a" and params["scheduler"] == "Euler a" and params["CFG scale"] == "5"
+    assert params["Version"].startswith("imagegen ")
+    prov = read_provenance(images[4])
+    assert prov["id"] == job.id and prov["index"] == 5 and prov["recipe"]["name"] == "small"
+    assert prov["content"]["seed"] == job.seed and prov["scheduler_config"]["_class_name"] == "EulerAncestralDiscreteScheduler"
+    assert prov["versions"]["diffusers"] and prov["device"] == "cpu" and prov["dtype"] == "fp32"
+    # the manifest agrees with the disk
+    with sqlite3.connect(run / "manifest.sqlite") as db:
+        rows = db.execute("SELECT idx, status, file, sha256 FROM jobs ORDER BY idx").fetchall()
+    assert [r[1] for r in rows] == ["done"] * 6
+    import hashlib
+
+    assert rows[0][3] == hashlib.sha256(images[0].read_bytes()).hexdigest()
+    # rerun: nothing rendered twice
+    mtimes = [p.stat().st_mtime_ns for p in images]
+    capsys.readouterr()
+    assert run_app(["render", str(path), "--no-sheet", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[0]["event"] == "start" and events[0]["to_render"] == 0
+    assert [p.stat().st_mtime_ns for p in images] == mtimes
+    assert not list(run.rglob(".tmp-*"))
+
+
+def test_batch_size_does_not_change_pixels(tmp_path):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    pa = write_recipe(a)
+    pb = write_recipe(b)
+    assert run_app(["render", str(pa), "--no-sheet", "--batch-size", "1"]) == 0
+    assert run_app(["render", str(pb), "--no-sheet", "--batch-size", "6"]) == 0
+    for ia, ib in zip(sorted((a / "run" / "images").glob("*.png")), sorted((b / "run" / "images").glob("*.png"))):
+        assert ia.name == ib.name
+        assert np.abs(pixels(ia) - pixels(ib)).max() <= 1
+
+
+def test_edit_recipe_keeps_finished_jobs_and_reports_orphans(tmp_path, capsys):
+    path = write_recipe(tmp_path)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    run = tmp_path / "run"
+    before = {p.stem.split("-")[1]: p.stat().st_mtime_ns for p in (run / "images").glob("*.png")}
+    # drop seed 11, add seed 14: four jobs kept (renamed to their new index), two new, two orphaned
+    path.write_text(path.read_text().replace("seeds: [11, 12, 13]", "seeds: [12, 13, 14]"))
+    capsys.readouterr()
+    assert run_app(["render", str(path), "--no-sheet", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    start = events[0]
+    assert (start["new"], start["orphaned"], start["to_render"]) == (2, 2, 2)
+    finish = events[-1]
+    assert finish["rendered"] == 2
+    jobs = plan(load_recipe(path))
+    names = {p.name for p in (run / "images").glob("*.png")}
+    assert {f"{j.index:04d}-{j.id}.png" for j in jobs} <= names
+    assert len(names) == 8  # the two orphans are kept, never deleted
+    kept = {j.id for j in jobs} & set(before)
+    assert len(kept) == 4
+    for p in (run / "images").glob("*.png"):
+        jid = p.stem.split("-")[1]
+        if jid in kept:
+            assert p.stat().st_mtime_ns == before[jid]  # not re-rendered
+    assert (run / "recipe-history").is_dir()
+    capsys.readouterr()
+    assert run_app(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "6/6 done" in out and "2 orphaned" in out and out.count("orphaned (no longer in the recipe, kept)") == 2
+
+
+def test_reconcile_after_crash_state(tmp_path):
+    path = write_recipe(tmp_path)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    run = tmp_path / "run"
+    images = sorted((run / "images").glob("*.png"))
+    # a crash leaves: a half-written temp file, a finished image the manifest never heard of,
+    # and a manifest row whose image was deleted by hand
+    (run / "images" / ".tmp-0001-abc.png.999").write_bytes(b"\x89PNG partial")
+    with sqlite3.connect(run / "manifest.sqlite") as db:
+        db.execute("UPDATE jobs SET status = 'pending', file = NULL WHERE idx = 2")
+    images[2].unlink()
+    recipe = load_recipe(path)
+    events = []
+    store = RunStore.open(run)
+    try:
+        summary = render_recipe(recipe, store, on_event=events.append)
+    finally:
+        store.close()
+    start = events[0]
+    assert (start["temp_removed"], start["adopted"], start["reset_missing"], start["to_render"]) == (1, 1, 1, 1)
+    assert summary.rendered == 1 and not list(run.rglob(".tmp-*"))
+    assert len(list((run / "images").glob("*.png"))) == 6
+
+
+def test_second_render_on_same_folder_is_refused_with_pid(tmp_path, capsys):
+    path = write_recipe(tmp_path)
+    store = RunStore.open(tmp_path / "run")
+    try:
+        assert run_app(["render", str(path), "--no-sheet"]) == 2
+        msg = capsys.readouterr().err
+        import os
+
+        assert f"PID {os.getpid()}" in msg and "--wait" in msg
+    finally:
+        store.close()
+
+
+def test_failures_are_recorded_and_retried(tmp_path, capsys):
+    """A pipeline exception and a NaN image fail their jobs; the batch goes on."""
+    from imagegen.engine import GenResult, open_engine
+
+    class Flaky:
+        def __init__(self, real):
+            self.real = real
+            self.broken = True
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def generate(self, requests):
+            if self.broken and any(r.seed == 12 for r in requests):
+                raise RuntimeError("boom in the pipeline")
+            results = self.real.generate(requests)
+            if self.broken:
+                results = [GenResult(None, "NaN in output") if r.seed == 13 else res for r, res in zip(requests, results)]
+            return results
+
+    engines = []
+
+    def opener(*a, **k):
+        engines.append(Flaky(open_engine(*a, **k)))
+        return engines[-1]
+
+    path = write_recipe(tmp_path)
+    recipe = load_recipe(path)
+    store = RunStore.open(tmp_path / "run")
+    try:
+        s = render_recipe(recipe, store, open_engine=opener, options=RenderOptions(batch_size=1))
+        assert (s.rendered, s.failed) == (2, 4)
+        st = store.status()
+        assert st["failed"] == 4 and "NaN" in st["last_error"]["error"] or "boom" in st["last_error"]["error"]
+        engines.clear()
+        again = render_recipe(recipe, store, open_engine=opener)
+        assert again.rendered == 0 and store.counts()["failed"] == 4  # failed jobs wait for --retry-failed
+
+        def fixed_opener(*a, **k):
+            e = opener(*a, **k)
+            e.broken = False
+            return e
+
+        retry = render_recipe(recipe, store, open_engine=fixed_opener, options=RenderOptions(retry_failed=True))
+        assert retry.rendered == 4 and store.counts()["done"] == 6
+    finally:
+        store.close()
+
+
+def test_cuda_oom_halves_the_batch(tmp_path):
+    from imagegen.engine import EngineOOM, open_engine
+
+    class Small:
+        def __init__(self, real):
+            self.real = real
+            self.sizes = []
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def generate(self, requests):
+            self.sizes.append(len(requests))
+            if len(requests) > 1:
+                raise EngineOOM("CUDA out of memory (test)")
+            return self.real.generate(requests)
+
+    holder = []
+    recipe = load_recipe(write_recipe(tmp_path))
+    events = []
+    store = RunStore.open(tmp_path / "run")
+    try:
+        s = render_recipe(recipe, store, on_event=events.append,
+                          open_engine=lambda *a, **k: holder.append(Small(open_engine(*a, **k))) or holder[-1])
+    finally:
+        store.close()
+    assert s.rendered == 6 and s.failed == 0 and s.batch_size == 1
+    assert [e["batch_size"] for e in events if e["event"] == "oom"] == [2, 1]
+    assert holder[0].sizes[:3] == [4, 2, 1]
+
+
+def test_disk_full_stops_cleanly_and_resumes(tmp_path, monkeypatch, capsys):
+    import imagegen.render as R
+
+    real = R.atomic_write_bytes
+    calls = {"n": 0}
+
+    def full_after_two(path, data):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(R, "atomic_write_bytes", full_after_two)
+    path = write_recipe(tmp_path)
+    code = run_app(["render", str(path), "--no-sheet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "disk full" in err and "run the same command again to resume" in err
+    run = tmp_path / "run"
+    assert len(list((run / "images").glob("*.png"))) == 2 and not list(run.rglob(".tmp-*"))
+    monkeypatch.setattr(R, "atomic_write_bytes", real)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    assert len(list((run / "images").glob("*.png"))) == 6
+
+
+def test_dry_run_and_limit(tmp_path, capsys):
+    path = write_recipe(tmp_path)
+    assert run_app(["render", str(path), "--dry-run"]) == 0
+    assert "would render 6" in capsys.readouterr().out and not (tmp_path / "run").exists()
+    assert run_app(["render", str(path), "--limit", "2", "--no-sheet"]) == 0
+    assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 2
+    assert run_app(["render", str(path), "--dry-run"]) == 0
+    assert "2 done" in capsys.readouterr().out
+
+
+def test_queue_of_recipes_goes_on_past_an_invalid_one(tmp_path, capsys):
+    good = write_recipe(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmodel: {checkpoint: builtin:tiny-sd15}\nprompt: x\nsteps: 0\n")
+    assert run_app(["render", str(bad), str(good), "--no-sheet"]) == 2
+    assert "bad.yaml:4:8" in capsys.readouterr().err
+    assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 6
+    assert run_app(["render", str(bad), str(good), "--no-sheet", "--fail-fast", "--output", "x"]) == 2
+
+
+def test_reproduce_command(tmp_path, capsys):
+    path = write_recipe(tmp_path)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    image = sorted((tmp_path / "run" / "images").glob("*.png"))[3]
+    capsys.readouterr()
+    assert run_app(["reproduce", str(image)]) == 0
+    assert ": match: max pixel difference" in capsys.readouterr().out
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert run_app(["reproduce", str(plain)]) == 2
