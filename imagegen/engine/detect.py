@@ -1,0 +1,226 @@
+"""Tell which model family a checkpoint, diffusers folder or LoRA belongs to, from its keys and
+shapes alone. Torch-free: a `.safetensors` header is JSON, read without loading any tensor.
+
+diffusers' own inference quietly falls back to SD1.5 for files it does not recognise, so we look
+first and refuse anything that is not an SD1.5 or SDXL base model, saying what we saw.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+from ..errors import ModelError
+
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
+
+_UNET = "model.diffusion_model."
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name in a `.safetensors` file with its shape (no tensor data is read).
+
+    Raises ModelError if the file is missing or is not a readable safetensors file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: file not found")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 1 or n > _MAX_HEADER:
+                raise ValueError(f"header length {n} out of range")
+            header = json.loads(f.read(n).decode("utf-8"))
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{p}: not a readable .safetensors file ({e})") from None
+
+
+def _context_dim(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    for k, s in shapes.items():
+        if k.startswith(_UNET) and k.endswith("attn2.to_k.weight") and len(s) == 2:
+            return s[1]
+    return None
+
+
+def classify_checkpoint_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str]:
+    """(family or None, what was detected) for the tensors of an A1111/ComfyUI single file."""
+    keys = shapes.keys()
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if any(".joint_blocks." in k or k.startswith(("joint_blocks.", "text_encoders.")) for k in keys):
+        return None, "a Stable Diffusion 3 checkpoint (`joint_blocks` / `text_encoders` keys)"
+    if any("double_blocks." in k or "single_blocks." in k for k in keys):
+        return None, "a Flux-style transformer checkpoint (`double_blocks` keys)"
+    if not has(_UNET):
+        if has("lora_") or any(".lora_" in k or ".lora." in k for k in keys):
+            return None, "a LoRA, not a checkpoint"
+        if has("encoder.down.") or has("decoder.up.") or has("encoder.down_blocks."):
+            return None, "a VAE, not a checkpoint"
+        if any(k.startswith(("down_blocks.", "conv_in.", "transformer_blocks.")) for k in keys):
+            return None, "a diffusers-format model weight file, not an A1111/ComfyUI checkpoint"
+        return None, f"no `{_UNET}` UNet keys ({len(shapes)} tensors)"
+    conv_in = shapes.get(_UNET + "input_blocks.0.0.weight")
+    in_ch = conv_in[1] if conv_in and len(conv_in) == 4 else None
+    ctx = _context_dim(shapes)
+    clip_l_sd1 = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    clip_l_xl = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+    open_clip_xl = "conditioner.embedders.1.model.token_embedding.weight"
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+        return None, "an SDXL refiner (OpenCLIP-G text encoder only)"
+    if has("cond_stage_model.model."):
+        return None, f"a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder, context dim {ctx})"
+    if in_ch is not None and in_ch != 4:
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix style"}.get(in_ch, "a non-standard")
+        return None, f"{kind} model (UNet takes {in_ch} input channels, not 4)"
+    if clip_l_xl in shapes and open_clip_xl in shapes:
+        want = shapes[clip_l_xl][1] + shapes[open_clip_xl][1]
+        if ctx is not None and ctx != want:
+            return None, f"an SDXL-like checkpoint whose UNet context dim {ctx} != {want}"
+        if not has(_UNET + "label_emb."):
+            return None, "an SDXL-like checkpoint without the UNet `label_emb` (size conditioning)"
+        return "sdxl", "SDXL base"
+    if clip_l_sd1 in shapes:
+        hidden = shapes[clip_l_sd1][1]
+        if ctx == 1024:
+            return None, "a Stable Diffusion 2.x UNet (context dim 1024)"
+        if ctx is not None and ctx != hidden:
+            return None, f"an SD1-like checkpoint whose UNet context dim {ctx} != text width {hidden}"
+        return "sd15", "SD1.x"
+    if ctx == 1024:
+        return None, "a Stable Diffusion 2.x UNet (context dim 1024)"
+    if has(_UNET + "label_emb."):
+        return None, "an SDXL UNet without its text encoders (`conditioner.embedders` missing)"
+    return None, f"a UNet without a CLIP text encoder (`cond_stage_model` missing, context dim {ctx})"
+
+
+def _folder_family(folder: Path) -> tuple[str | None, str]:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder / 'model_index.json'}: cannot read ({e})") from None
+    cls = index.get("_class_name", "")
+    unet_cfg: dict = {}
+    try:
+        unet_cfg = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    in_ch = unet_cfg.get("in_channels", 4)
+    ctx = unet_cfg.get("cross_attention_dim")
+    if cls == "StableDiffusionXLPipeline":
+        if not index.get("text_encoder") or index.get("text_encoder") == [None, None]:
+            return None, "an SDXL pipeline without `text_encoder` (refiner layout)"
+        if in_ch != 4:
+            return None, f"an SDXL pipeline whose UNet takes {in_ch} input channels"
+        return "sdxl", "SDXL (diffusers folder)"
+    if cls == "StableDiffusionPipeline":
+        if ctx == 1024:
+            return None, "a Stable Diffusion 2.x pipeline (cross_attention_dim 1024)"
+        if in_ch != 4:
+            return None, f"a pipeline whose UNet takes {in_ch} input channels (inpainting?)"
+        return "sd15", "SD1.x (diffusers folder)"
+    return None, f"a `{cls or 'unknown'}` pipeline"
+
+
+def detect_family(path: str | Path) -> str:
+    """"sd15" or "sdxl" for a single-file `.safetensors` checkpoint or a diffusers folder.
+
+    Raises ModelError for a missing path, an unreadable file, or anything else (SD2, SD3, Flux,
+    inpainting, SDXL refiner, a LoRA or VAE, unknown), saying what was detected.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise ModelError(f"{p}: folder has no `model_index.json`; expected a diffusers pipeline folder")
+        family, what = _folder_family(p)
+    elif p.is_file():
+        if p.suffix.lower() != ".safetensors":
+            raise ModelError(
+                f"{p}: unsupported checkpoint format `{p.suffix}`; use a `.safetensors` single file "
+                "or a diffusers folder (pickled .ckpt files are not loaded)"
+            )
+        family, what = classify_checkpoint_keys(read_safetensors_shapes(p))
+    else:
+        raise ModelError(f"{p}: file not found")
+    if family is None:
+        raise ModelError(f"{p}: unsupported model: detected {what}; supported: SD1.5 and SDXL base")
+    return family
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRAs
+
+_NON_SD_LORA = re.compile(r"(double_blocks|single_blocks|joint_blocks|single_transformer_blocks|^transformer\.)")
+# Cross-attention key input width of the real models; SD2 (1024) is rejected.
+_CONTEXT_DIMS = {768: "sd15", 2048: "sdxl"}
+# Blocks that exist with attention in one family only (diffusers and kohya spellings).
+_SD15_ONLY = re.compile(
+    r"(down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|input_blocks[._][12][._]1[._]"
+    r"|output_blocks[._](9|10|11)[._]1[._])"
+)
+_SDXL_ONLY = re.compile(r"(transformer_blocks[._][1-9][._]|lora_te[12]_|text_encoder_2[._]|lora_te2|add_embedding)")
+
+
+def lora_family_votes(shapes: dict[str, tuple[int, ...]]) -> tuple[set[str], str]:
+    """(families the LoRA's keys point at, note). Empty set: cannot tell."""
+    votes: set[str] = set()
+    notes = []
+    for k in shapes:
+        if _NON_SD_LORA.search(k):
+            return {"other"}, f"key `{k}` belongs to a transformer model (SD3/Flux), not SD1.5/SDXL"
+    for k, s in shapes.items():
+        down = ("attn2" in k and "to_k" in k) and (
+            "lora_down" in k or "lora_A" in k or "lora.down" in k or "to_k_lora.down" in k
+        )
+        if down and len(s) == 2:
+            fam = _CONTEXT_DIMS.get(s[1])
+            if s[1] == 1024:
+                return {"other"}, f"cross-attention width 1024 (`{k}`) is Stable Diffusion 2.x"
+            if fam:
+                votes.add(fam)
+                notes.append(f"cross-attention width {s[1]}")
+            break
+    if any(_SDXL_ONLY.search(k) for k in shapes):
+        votes.add("sdxl")
+        notes.append("SDXL-only blocks or text encoder 2")
+    if any(_SD15_ONLY.search(k) for k in shapes):
+        votes.add("sd15")
+        notes.append("SD1.5-only attention blocks")
+    if not votes and any(k.startswith("lora_te_") for k in shapes):
+        votes.add("sd15")
+        notes.append("single text encoder")
+    return votes, ", ".join(notes)
+
+
+def check_lora(path: str | Path, family: str) -> None:
+    """Check that the LoRA file at `path` fits a base model of `family` ("sd15" or "sdxl").
+
+    Raises ModelError naming the file if it is missing, unreadable, not a LoRA, made for the
+    other family (or SD2/SD3/Flux), or of a layout we cannot place.
+    """
+    p = Path(path)
+    if family not in FAMILIES:
+        raise ModelError(f"`family` must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if p.suffix.lower() != ".safetensors":
+        raise ModelError(f"LoRA {p}: only `.safetensors` LoRA files are supported, got `{p.suffix}`")
+    shapes = read_safetensors_shapes(p)
+    if not any("lora" in k.lower() for k in shapes):
+        raise ModelError(f"LoRA {p}: no LoRA tensors found ({len(shapes)} tensors, none named `lora`)")
+    votes, note = lora_family_votes(shapes)
+    if votes == {"other"}:
+        raise ModelError(f"LoRA {p}: not an SD1.5/SDXL LoRA: {note}")
+    if not votes:
+        raise ModelError(f"LoRA {p}: cannot tell whether it is for SD1.5 or SDXL from its keys")
+    if len(votes) > 1:
+        raise ModelError(f"LoRA {p}: keys point at both SD1.5 and SDXL ({note})")
+    (found,) = votes
+    if found != family:
+        raise ModelError(f"LoRA {p} is for {found} ({note}) but the model is {family}")

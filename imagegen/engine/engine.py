@@ -1,0 +1,350 @@
+"""The loaded model: LoRA stacks, schedulers and batched, seed-exact generation.
+
+torch and diffusers are imported inside methods only; `Engine` objects come from `open_engine`.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import ImagegenError, InputError, ModelError
+from .. import samplers
+
+if TYPE_CHECKING:  # pragma: no cover
+    import PIL.Image
+
+
+class EngineOOM(ImagegenError):
+    """The device ran out of memory during `generate`; the caller may retry with a smaller batch."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One image to render. All requests of one `generate` call share size, steps, guidance,
+    scheduler and clip_skip; prompts, negatives and seeds may differ.
+
+    `negative` "" means no negative prompt: diffusers' `negative_prompt=None` (SD1.5 encodes
+    the empty string; SDXL uses zero embeddings, its `force_zeros_for_empty_prompt`).
+    `clip_skip` is A1111's convention: None or 1 = the last CLIP layer, 2 = the penultimate one
+    (diffusers' `clip_skip` is ours minus one).
+    """
+
+    prompt: str
+    negative: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+    clip_skip: int | None = None
+
+
+@dataclass
+class GenResult:
+    """The image (PIL RGB), or None with `error` saying why (e.g. "NaN in output")."""
+
+    image: "PIL.Image.Image | None"
+    error: str | None = None
+
+
+_SHARED = ("width", "height", "steps", "guidance", "scheduler", "clip_skip")
+MAX_SEED = 2**64 - 1
+
+
+def diffusers_clip_skip(a1111_clip_skip: int | None) -> int | None:
+    """A1111 clip skip (1 = last layer) to diffusers' (None = last layer, 1 = penultimate)."""
+    if a1111_clip_skip is None or a1111_clip_skip <= 1:
+        return None
+    return a1111_clip_skip - 1
+
+
+def scheduler_spec(name: str) -> samplers.SamplerSpec:
+    """The sampler spec for `name`. Raises InputError listing the valid names."""
+    spec = samplers.lookup_sampler(name)
+    if spec is None:
+        raise InputError(f"unknown `scheduler` {name!r}; valid: {', '.join(samplers.sampler_names())}")
+    return spec
+
+
+def adapter_name(index: int, path: str | Path) -> str:
+    """A peft adapter name for a LoRA file: no dots (peft forbids them), unique by position."""
+    stem = re.sub(r"[^0-9A-Za-z_]", "_", Path(path).stem)[:48]
+    return f"lora{index}_{stem}"
+
+
+class Engine:
+    """A loaded SD1.5 or SDXL pipeline on one device, ready to render batches.
+
+    Attributes: `family` ("sd15" | "sdxl"), `device` (e.g. "cuda", "cpu"), `dtype` ("fp16" |
+    "bf16" | "fp32"), `model_name` (file stem, folder name or "builtin:<name>"), `pipeline` (the
+    diffusers pipeline, usable directly).
+    """
+
+    def __init__(self, pipeline: Any, *, family: str, device: str, dtype: str, model_name: str) -> None:
+        self.pipeline = pipeline
+        self.family = family
+        self.device = device
+        self.dtype = dtype
+        self.model_name = model_name
+        self._base_scheduler_config = dict(pipeline.scheduler.config)
+        self._loras: tuple[tuple[str, float], ...] = ()
+        self._backup: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._prompt_cache: dict[tuple, tuple] = {}
+
+    # -- schedulers --------------------------------------------------------------------------
+
+    def _make_scheduler(self, name: str):
+        import diffusers
+
+        spec = scheduler_spec(name)
+        cls = getattr(diffusers, spec.diffusers_class)
+        try:
+            return cls.from_config(self._base_scheduler_config, **spec.options)
+        except ImportError as e:  # e.g. LMS needs scipy
+            raise InputError(f"`scheduler` {name!r} is not available here: {_one_line(e)}") from None
+
+    def scheduler_config(self, scheduler: str) -> dict:
+        """The full config of the scheduler `generate` builds for `scheduler` (for provenance).
+
+        Raises InputError for an unknown name.
+        """
+        cfg = dict(self._make_scheduler(scheduler).config)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+    # -- LoRAs -------------------------------------------------------------------------------
+
+    @property
+    def loras(self) -> tuple[tuple[str, float], ...]:
+        """The LoRA set currently fused into the weights: (path, weight) pairs."""
+        return self._loras
+
+    def _lora_models(self) -> list[tuple[str, Any]]:
+        names = getattr(self.pipeline, "_lora_loadable_modules", ["unet", "text_encoder"])
+        return [(n, getattr(self.pipeline, n, None)) for n in names if getattr(self.pipeline, n, None) is not None]
+
+    def set_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Make exactly `loras` ((path, weight) pairs, maybe empty) the fused LoRA set.
+
+        No-op when it equals the current set. Otherwise the previous set is unfused and unloaded
+        and the original weights are restored bit for bit (so renders never depend on which
+        LoRAs came before), then the new files are loaded as peft adapters, weighted with
+        `set_adapters` and fused. Raises ModelError naming a file that is missing, for the other
+        family, or does not fit this model (the engine is then left with no LoRA).
+        """
+        from .detect import check_lora
+
+        want = tuple((str(p), float(w)) for p, w in loras)
+        if want == self._loras:
+            return
+        for path, _ in want:
+            check_lora(path, self.family)
+        self._clear_loras()
+        if not want:
+            return
+        pipe = self.pipeline
+        names = [adapter_name(i, p) for i, (p, _) in enumerate(want)]
+        try:
+            for (path, _), name in zip(want, names):
+                try:
+                    pipe.load_lora_weights(path, adapter_name=name)
+                except (ValueError, KeyError, RuntimeError, OSError) as e:
+                    raise ModelError(f"LoRA {path}: cannot apply to {self.model_name}: {_one_line(e)}") from None
+                loaded = {a for lst in pipe.get_list_adapters().values() for a in lst}
+                if name not in loaded:
+                    raise ModelError(f"LoRA {path}: none of its layers match {self.model_name}")
+            pipe.set_adapters(names, adapter_weights=[w for _, w in want])
+            self._backup_lora_targets()
+            pipe.fuse_lora(components=[n for n, _ in self._lora_models()], adapter_names=names)
+        except BaseException:
+            self._loras = want  # so that _clear_loras undoes whatever got in
+            self._clear_loras()
+            raise
+        self._loras = want
+
+    def _backup_lora_targets(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for comp, model in self._lora_models():
+            for mname, module in model.named_modules():
+                if isinstance(module, BaseTunerLayer) and (comp, mname) not in self._backup:
+                    base = module.get_base_layer()
+                    w = base.weight.detach().to("cpu", copy=True)
+                    b = None if getattr(base, "bias", None) is None else base.bias.detach().to("cpu", copy=True)
+                    self._backup[(comp, mname)] = (w, b)
+
+    def _clear_loras(self) -> None:
+        import torch
+
+        pipe = self.pipeline
+        if self._loras or self._backup or getattr(pipe, "_merged_adapters", None):
+            comps = [n for n, _ in self._lora_models()]
+            if getattr(pipe, "_merged_adapters", None):
+                pipe.unfuse_lora(components=comps)
+            pipe.unload_lora_weights()
+            models = dict(self._lora_models())
+            with torch.no_grad():
+                for (comp, mname), (w, b) in self._backup.items():
+                    mod = models[comp].get_submodule(mname)
+                    mod.weight.copy_(w)
+                    if b is not None:
+                        mod.bias.copy_(b)
+        self._backup = {}
+        self._loras = ()
+        self._prompt_cache = {}
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _check(self, requests: Sequence[GenRequest]) -> GenRequest:
+        if not requests:
+            raise InputError("`requests` is empty")
+        first = requests[0]
+        for r in requests[1:]:
+            for f in _SHARED:
+                if getattr(r, f) != getattr(first, f):
+                    raise InputError(
+                        f"all requests of a batch must share `{f}`: got {getattr(first, f)!r} and {getattr(r, f)!r}"
+                    )
+        for r in requests:
+            if not 0 <= int(r.seed) <= MAX_SEED:
+                raise InputError(f"`seed` must be in 0..{MAX_SEED}, got {r.seed}")
+        if first.width % 8 or first.height % 8 or first.width < 8 or first.height < 8:
+            raise InputError(f"`width` and `height` must be positive multiples of 8, got {first.width}x{first.height}")
+        if first.steps < 1:
+            raise InputError(f"`steps` must be >= 1, got {first.steps}")
+        if first.clip_skip is not None and first.clip_skip < 1:
+            raise InputError(f"`clip_skip` must be >= 1 (A1111 convention), got {first.clip_skip}")
+        scheduler_spec(first.scheduler)
+        return first
+
+    def _encode(self, prompt: str, negative: str, cfg: bool, clip_skip: int | None) -> tuple:
+        """Prompt embeddings for one (prompt, negative) pair, batch size 1, exactly as the pipeline
+        would compute them itself; cached per LoRA set."""
+        key = (prompt, negative, cfg, clip_skip)
+        hit = self._prompt_cache.get(key)
+        if hit is not None:
+            return hit
+        import torch
+
+        pipe = self.pipeline
+        neg = negative if negative else None
+        with torch.no_grad(), text_model_alias(pipe.text_encoder if clip_skip else None):
+            if self.family == "sdxl":
+                out = pipe.encode_prompt(
+                    prompt, device=pipe._execution_device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=cfg, negative_prompt=neg, clip_skip=clip_skip,
+                )  # fmt: skip
+            else:
+                out = pipe.encode_prompt(
+                    prompt, pipe._execution_device, 1, cfg, negative_prompt=neg, clip_skip=clip_skip
+                )
+        if len(self._prompt_cache) > 64:
+            self._prompt_cache.clear()
+        self._prompt_cache[key] = out
+        return out
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        """Render one batch; result i belongs to request i.
+
+        Each image's starting noise comes from its own `torch.Generator("cpu").manual_seed(seed)`,
+        so an image does not depend on its batch or position, and equals a plain diffusers call
+        `pipe(prompt, negative_prompt=..., width=, height=, num_inference_steps=, guidance_scale=,
+        generator=torch.Generator("cpu").manual_seed(seed))` with the same scheduler.
+        Each distinct (prompt, negative) pair is encoded once.
+
+        Raises InputError for mixed batch settings or bad values, EngineOOM when the device runs
+        out of memory. An image with NaN values comes back with `error` set, not as an exception.
+        """
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        # 1. Check inputs: one size / steps / guidance / scheduler per batch.
+        first = self._check(requests)
+        pipe = self.pipeline
+        cfg = first.guidance > 1.0
+        clip_skip = diffusers_clip_skip(first.clip_skip)
+
+        # 2. Scheduler, fresh for each batch (schedulers keep per-run state).
+        pipe.scheduler = self._make_scheduler(first.scheduler)
+
+        try:
+            # 3. Encode each distinct prompt pair once, then stack in request order.
+            enc = [self._encode(r.prompt, r.negative, cfg, clip_skip) for r in requests]
+            kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([e[0] for e in enc])}
+            if cfg:
+                kwargs["negative_prompt_embeds"] = torch.cat([e[1] for e in enc])
+            if self.family == "sdxl":
+                kwargs["pooled_prompt_embeds"] = torch.cat([e[2] for e in enc])
+                if cfg:
+                    kwargs["negative_pooled_prompt_embeds"] = torch.cat([e[3] for e in enc])
+
+            # 4. One CPU generator per image, seeded with its own seed.
+            generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
+
+            # 5. Denoise and decode.
+            with torch.no_grad():
+                out = pipe(
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance,
+                    generator=generators,
+                    output_type="np",
+                    **kwargs,
+                )
+        except torch.OutOfMemoryError as e:
+            _free_device_memory()
+            raise EngineOOM(
+                f"out of memory on {self.device} rendering {len(requests)} images at "
+                f"{first.width}x{first.height}: {_one_line(e)}"
+            ) from None
+
+        # 6. NaN check and 8-bit RGB, rounded as diffusers rounds its PIL output.
+        results = []
+        for arr in out.images:
+            if not np.isfinite(arr).all():
+                results.append(GenResult(None, "NaN in output"))
+                continue
+            results.append(GenResult(Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB")))
+        return results
+
+
+@contextmanager
+def text_model_alias(text_encoder: Any):
+    """Let `text_encoder.text_model` name the model itself while in the block.
+
+    transformers >= 5.6 flattened CLIPTextModel (no `.text_model` level), but diffusers'
+    SD1.5 `encode_prompt` still reads `text_encoder.text_model.final_layer_norm` when `clip_skip`
+    is set. The alias is a plain attribute (not a submodule, so no cycle) and is removed after:
+    diffusers' LoRA loader uses its absence to detect the flattened layout.
+    """
+    if text_encoder is None or hasattr(text_encoder, "text_model"):
+        yield
+        return
+    object.__setattr__(text_encoder, "text_model", text_encoder)
+    try:
+        yield
+    finally:
+        del text_encoder.__dict__["text_model"]
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")

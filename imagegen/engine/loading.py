@@ -1,0 +1,256 @@
+"""`open_engine`: turn a model reference into a ready `Engine`, with no network by default.
+
+A model reference is one of:
+- `builtin:<name>` (see `builtin.BUILTIN_MODELS`),
+- a single-file `.safetensors` checkpoint in the A1111/ComfyUI layout (SD1.5 or SDXL base),
+  loaded with the component configs and tokenizer shipped in `imagegen/data` (no hub, no cache),
+- a diffusers folder (with `model_index.json`),
+- a Hugging Face hub id, only with `allow_download=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, ModelError
+from . import builtin
+from .detect import FAMILIES, detect_family
+from .engine import Engine, _one_line
+
+DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
+          "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}  # fmt: skip
+_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def go_offline() -> None:
+    """Make the Hugging Face libraries refuse network access for this process."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import sys
+
+    # The libraries read these variables when first imported; patch the live values too.
+    for mod_name, attr in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("huggingface_hub.constants", "HF_HUB_DISABLE_TELEMETRY"),
+        ("diffusers.utils.constants", "HF_HUB_OFFLINE"),
+    ):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and hasattr(mod, attr):
+            setattr(mod, attr, True)
+
+
+def _quiet() -> None:
+    """No progress bars or info logs from the libraries: library code never prints."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def resolve_device(device: str | None) -> str:
+    """`device` or the default: "cuda" when available, else "cpu". Raises InputError if unusable."""
+    import torch
+
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    dev = str(device).strip().lower()
+    try:
+        kind = torch.device(dev).type
+    except (RuntimeError, ValueError):
+        raise InputError(f"`device` {device!r} is not a torch device; use e.g. cpu, cuda, cuda:1, mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"`device` {device!r}: CUDA is not available on this machine (torch {torch.__version__})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"`device` {device!r}: MPS is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """torch dtype name for `dtype` ("fp16", "bf16", "fp32", ...) or the device default:
+    fp16 on CUDA/MPS, fp32 on CPU. Raises InputError for other names."""
+    if dtype is None or dtype == "auto":
+        return "float32" if device.startswith("cpu") else "float16"
+    name = DTYPES.get(str(dtype).strip().lower())
+    if name is None:
+        raise InputError(f"`dtype` {dtype!r} is not supported; use fp16, bf16 or fp32")
+    return name
+
+
+def _load_vae(vae: str, family: str, torch_dtype: Any, config_dir: Path):
+    from diffusers import AutoencoderKL
+
+    p = Path(vae).expanduser()
+    try:
+        if p.is_dir():
+            sub = "vae" if (p / "vae" / "config.json").is_file() else None
+            if sub is None and not (p / "config.json").is_file():
+                raise ModelError(f"VAE {p}: folder has neither `config.json` nor `vae/config.json`")
+            return AutoencoderKL.from_pretrained(str(p), subfolder=sub, torch_dtype=torch_dtype, local_files_only=True)
+        if p.is_file():
+            if p.suffix.lower() != ".safetensors":
+                raise ModelError(f"VAE {p}: only `.safetensors` files or diffusers folders are supported")
+            return AutoencoderKL.from_single_file(
+                str(p), config=str(config_dir), subfolder="vae", torch_dtype=torch_dtype, local_files_only=True
+            )
+    except ModelError:
+        raise
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ModelError(f"VAE {p}: cannot load as a {family} VAE: {_one_line(e)}") from None
+    raise ModelError(f"VAE {p}: file not found")
+
+
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _extra_kwargs(family: str) -> dict:
+    if family == "sdxl":
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _variant(folder: Path) -> str | None:
+    unet = folder / "unet"
+    if unet.is_dir() and not any(unet.glob("diffusion_pytorch_model.safetensors")) and any(unet.glob("*.fp16.*")):
+        return "fp16"
+    return None
+
+
+def open_engine(
+    checkpoint: str,
+    *,
+    family: str = "auto",
+    vae: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_download: bool = False,
+    _config_dir: str | Path | None = None,
+) -> Engine:
+    """Load `checkpoint` (builtin:<name>, .safetensors single file, diffusers folder, or a hub
+    id with `allow_download`) into an `Engine` on `device` (default: cuda if available, else cpu)
+    in `dtype` (default: fp16 on GPU, fp32 on CPU), with an optional separate `vae`.
+
+    Nothing touches the network unless `allow_download` is true (the hub is put offline).
+    `_config_dir` (tests) replaces the shipped component configs used for single files.
+
+    Raises ModelError for missing or unsupported models (SD2, SD3, Flux, inpainting, refiner,
+    unknown layouts) or a `family` that disagrees with the file; InputError for a bad device,
+    dtype or family name.
+    """
+    if not allow_download:
+        go_offline()
+    import torch
+
+    _quiet()
+    if family not in ("auto", *FAMILIES):
+        raise InputError(f"`family` must be auto, {' or '.join(FAMILIES)}; got {family!r}")
+    dev = resolve_device(device)
+    dt_name = resolve_dtype(dtype, dev)
+    torch_dtype = getattr(torch, dt_name)
+    ref = str(checkpoint)
+
+    # 1. Find what the reference points at, and its family.
+    kind, model_name = "", ""
+    if ref.startswith("builtin:"):
+        name = ref.split(":", 1)[1]
+        if name not in builtin.BUILTIN_MODELS:
+            raise ModelError(f"unknown builtin model {ref!r}; available: "
+                             + ", ".join("builtin:" + n for n in builtin.BUILTIN_MODELS))  # fmt: skip
+        found, kind, model_name = builtin.BUILTIN_FAMILY[name], "builtin", ref
+    else:
+        path = Path(ref).expanduser()
+        if path.exists():
+            found = detect_family(path)
+            kind = "folder" if path.is_dir() else "file"
+            model_name = path.name if path.is_dir() else path.stem
+        elif _looks_like_hub_id(ref):
+            if not allow_download:
+                raise ModelError(
+                    f"model {ref!r} is not a local file or folder; Hugging Face hub ids need `--allow-download` "
+                    "(or give the path of a .safetensors file or diffusers folder)"
+                )
+            kind, model_name, found = "hub", ref, ""
+        else:
+            raise ModelError(f"{path}: file not found")
+    if found and family != "auto" and family != found:
+        raise ModelError(f"{ref}: `family` is {family!r} but the model is {found}")
+    fam = found
+
+    # 2. Load the pipeline. (`torch_dtype` works on every supported diffusers; newer ones warn.)
+    cfg_dir = Path(_config_dir) if _config_dir else builtin.CONFIG_DIR / (fam or "sd15")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        vae_obj = _load_vae(vae, fam or "sd15", torch_dtype, cfg_dir) if vae else None
+        try:
+            pipe, fam = _load_pipeline(kind, ref, fam, dev, torch_dtype, cfg_dir, vae_obj)
+        except ModelError:
+            raise
+        except (ValueError, KeyError, RuntimeError, OSError, TypeError) as e:
+            raise ModelError(f"{ref}: cannot load as {fam or 'a model'}: {_one_line(e)}") from None
+    if family != "auto" and family != fam:
+        raise ModelError(f"{ref}: `family` is {family!r} but the model is {fam}")
+
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return Engine(pipe, family=fam, device=dev, dtype=_SHORT[dt_name], model_name=model_name)
+
+
+def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cfg_dir: Path, vae_obj: Any):
+    extra: dict[str, Any] = {"vae": vae_obj} if vae_obj is not None else {}
+    if kind == "builtin":
+        name = ref.split(":", 1)[1]
+        if name in builtin.TINY_CONFIGS:
+            folder = builtin.tiny_folder(name)
+            pipe = _pipeline_class(fam).from_pretrained(
+                str(folder), torch_dtype=torch_dtype, local_files_only=True, **_extra_kwargs(fam), **extra
+            )
+        else:  # full-size random weights, built in memory right on the device
+            parts = builtin.build_components(name, device=dev)
+            parts.update(extra)
+            pipe = builtin.make_pipeline(fam, parts)
+            pipe.to(dtype=torch_dtype)
+        return pipe, fam
+    if kind == "file":
+        pipe = _pipeline_class(fam).from_single_file(
+            ref, config=str(cfg_dir), local_files_only=True, torch_dtype=torch_dtype,
+            **builtin.tokenizers(fam), **_extra_kwargs(fam), **extra,
+        )  # fmt: skip
+        return pipe, fam
+    if kind == "folder":
+        pipe = _pipeline_class(fam).from_pretrained(
+            ref, torch_dtype=torch_dtype, local_files_only=True, variant=_variant(Path(ref)),
+            **_extra_kwargs(fam), **extra,
+        )  # fmt: skip
+        return pipe, fam
+    # a hub id, downloads allowed
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=torch_dtype, **extra)
+    cls = type(pipe).__name__
+    fam = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}.get(cls, "")
+    if not fam:
+        raise ModelError(f"{ref}: unsupported pipeline `{cls}`; supported: SD1.5 and SDXL base")
+    if fam == "sd15":
+        pipe.safety_checker = None
+    if fam == "sdxl":
+        pipe.watermark = None
+    return pipe, fam
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not ref.startswith((".", "~"))
+        and not Path(ref).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin")
+    )

@@ -1,0 +1,301 @@
+"""Engine tests on the tiny built-in models: real diffusers pipelines, no mocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine_fixtures import make_tiny_lora, tiny_folder
+from imagegen.engine import BUILTIN_MODELS, EngineOOM, GenRequest, GenResult, open_engine
+from imagegen.errors import ImagegenError, InputError, ModelError
+from imagegen.samplers import sampler_names
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_cache(tmp_path_factory):
+    """Build the tiny models once per session, in a temp cache."""
+    old = os.environ.get("IMAGEGEN_CACHE")
+    os.environ["IMAGEGEN_CACHE"] = str(tmp_path_factory.mktemp("imagegen-cache"))
+    yield
+    if old is None:
+        os.environ.pop("IMAGEGEN_CACHE", None)
+    else:
+        os.environ["IMAGEGEN_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return open_engine("builtin:tiny-sd15", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return open_engine("builtin:tiny-sdxl", device="cpu")
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def engine(request, sd15, sdxl):
+    eng = {"sd15": sd15, "sdxl": sdxl}[request.param]
+    yield eng
+    eng.set_loras([])
+
+
+def req(seed=1, prompt="a photo of a cat", negative="", size=(64, 64), steps=6, guidance=6.0,
+        scheduler="Euler a", clip_skip=None) -> GenRequest:  # fmt: skip
+    return GenRequest(prompt, negative, seed, size[0], size[1], steps, guidance, scheduler, clip_skip)
+
+
+def px(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def maxdiff(a, b) -> int:
+    return int(np.abs(px(a) - px(b)).max())
+
+
+def test_import_is_torch_free():
+    code = "import sys, imagegen.engine; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_builtin_names():
+    assert BUILTIN_MODELS == ("tiny-sd15", "tiny-sdxl", "sd15-arch", "sdxl-arch")
+    with pytest.raises(ModelError, match="builtin:tiny-sd15"):
+        open_engine("builtin:nope", device="cpu")
+
+
+def test_tiny_cache_is_built_atomically():
+    root = tiny_folder("sd15").parent
+    assert (root / "tiny-sd15-v1" / "model_index.json").is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "temporary build folders left behind"
+
+
+def test_generate_tiny(engine):
+    assert engine.device == "cpu" and engine.dtype == "fp32"
+    assert engine.model_name == f"builtin:tiny-{engine.family}"
+    out = engine.generate([req(seed=1, size=(64, 96)), req(seed=2, size=(64, 96))])
+    assert [type(r) for r in out] == [GenResult, GenResult]
+    for r in out:
+        assert r.error is None and r.image.mode == "RGB" and r.image.size == (64, 96)
+        assert px(r.image).std() > 5  # not a flat image
+    assert maxdiff(out[0].image, out[1].image) > 20  # seeds matter
+
+
+def test_batch_size_invariance(engine):
+    jobs = [req(seed=s, prompt=p, negative=n) for s, p, n in
+            [(10, "a cat", ""), (11, "a dog", "blurry"), (12, "a cat", ""), (13, "a red house", "ugly"),
+             (14, "a dog", "blurry"), (15, "x", ""), (16, "a cat", "ugly"), (17, "tree", "")]]  # fmt: skip
+    batch = engine.generate(jobs)
+    for i in (0, 3, 7):
+        alone = engine.generate([jobs[i]])[0]
+        assert maxdiff(batch[i].image, alone.image) <= 1
+    # position does not matter either
+    rev = engine.generate(jobs[::-1])
+    assert maxdiff(rev[-1].image, batch[0].image) <= 1
+
+
+@pytest.mark.parametrize(
+    "family,scheduler,negative,clip_skip",
+    [("sd15", "DPM++ 2M Karras", "blurry, ugly", None), ("sd15", "Euler a", "", 2),
+     ("sdxl", "Euler a", "", None), ("sdxl", "DPM++ SDE Karras", "bad hands", 2)],
+)  # fmt: skip
+def test_equals_plain_diffusers_call(family, scheduler, negative, clip_skip, sd15, sdxl):
+    import diffusers
+
+    from imagegen.samplers import lookup_sampler
+
+    eng = {"sd15": sd15, "sdxl": sdxl}[family]
+    r = req(seed=1234, prompt="an astronaut riding a horse", negative=negative, size=(64, 80),
+            scheduler=scheduler, clip_skip=clip_skip)  # fmt: skip
+    other = req(seed=99, prompt="other", size=(64, 80), scheduler=scheduler, clip_skip=clip_skip)
+    ours = eng.generate([r, other])[0].image
+
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(tiny_folder(family)))
+    pipe.set_progress_bar_config(disable=True)
+    spec = lookup_sampler(scheduler)
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(pipe.scheduler.config, **spec.options)
+    from imagegen.engine.engine import text_model_alias  # diffusers 0.42 + transformers 5.x clip_skip fix
+
+    with text_model_alias(pipe.text_encoder):
+        plain = pipe(
+            "an astronaut riding a horse",
+            negative_prompt=negative or None,
+            width=64,
+            height=80,
+            num_inference_steps=r.steps,
+            guidance_scale=r.guidance,
+            clip_skip=None if clip_skip is None else clip_skip - 1,
+            generator=torch.Generator("cpu").manual_seed(1234),
+        ).images[0]
+    assert maxdiff(ours, plain) <= 1
+
+
+def test_clip_skip_changes_image(sd15):
+    a = sd15.generate([req(clip_skip=1)])[0].image
+    b = sd15.generate([req(clip_skip=None)])[0].image
+    c = sd15.generate([req(clip_skip=2)])[0].image
+    assert maxdiff(a, b) == 0  # A1111 clip skip 1 is the default
+    assert maxdiff(a, c) > 0
+
+
+def test_guidance_one_skips_negative(sd15):
+    a = sd15.generate([req(guidance=1.0, negative="")])[0].image
+    b = sd15.generate([req(guidance=1.0, negative="anything")])[0].image
+    assert maxdiff(a, b) == 0
+
+
+def test_every_scheduler_name_builds(sd15):
+    import importlib.util
+
+    from imagegen.samplers import lookup_sampler
+
+    has_scipy = importlib.util.find_spec("scipy") is not None
+    for name in sampler_names():
+        if lookup_sampler(name).diffusers_class == "LMSDiscreteScheduler" and not has_scipy:
+            with pytest.raises(InputError, match="scipy"):
+                sd15.scheduler_config(name)
+            continue
+        cfg = sd15.scheduler_config(name)
+        assert cfg["num_train_timesteps"] == 1000
+    assert sd15.scheduler_config("DPM++ 2M Karras")["use_karras_sigmas"] is True
+    assert sd15.scheduler_config("DPM++ 2M SDE")["algorithm_type"] == "sde-dpmsolver++"
+    with pytest.raises(InputError, match="DPM\\+\\+ 2M Karras"):
+        sd15.scheduler_config("Eulr")
+    with pytest.raises(InputError, match="unknown `scheduler`"):
+        sd15.generate([req(scheduler="nope")])
+
+
+@pytest.mark.parametrize("scheduler", ["DPM++ 2M SDE Karras", "DDIM", "UniPC", "Heun", "DPM2 a", "PLMS"])
+def test_schedulers_render(sd15, scheduler):
+    out = sd15.generate([req(scheduler=scheduler, steps=4)])
+    assert out[0].error is None and px(out[0].image).std() > 5
+
+
+def test_batch_must_share_settings(sd15):
+    with pytest.raises(InputError, match="`steps`"):
+        sd15.generate([req(steps=4), req(steps=5)])
+    with pytest.raises(InputError, match="multiples of 8"):
+        sd15.generate([req(size=(60, 64))])
+    with pytest.raises(InputError, match="empty"):
+        sd15.generate([])
+
+
+def test_nan_output_is_a_job_error_not_an_exception(sd15):
+    """Poison one image of the batch inside the real VAE decoder; the others still come back."""
+
+    def poison(module, args, output):
+        output = output.clone()
+        output[1] = float("nan")
+        return output
+
+    handle = sd15.pipeline.vae.decoder.register_forward_hook(poison)
+    try:
+        out = sd15.generate([req(seed=1), req(seed=2), req(seed=3)])
+    finally:
+        handle.remove()
+    assert out[1].image is None and "NaN" in out[1].error
+    assert out[0].error is None and out[2].error is None
+    assert maxdiff(out[0].image, sd15.generate([req(seed=1)])[0].image) <= 1
+
+
+def test_out_of_memory_becomes_engine_oom(sd15):
+    def oom(module, args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = sd15.pipeline.unet.register_forward_pre_hook(oom)
+    try:
+        with pytest.raises(EngineOOM, match="out of memory") as info:
+            sd15.generate([req(), req(seed=2)])
+    finally:
+        handle.remove()
+    assert isinstance(info.value, ImagegenError)
+    assert sd15.generate([req()])[0].error is None
+
+
+# --- LoRAs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_lora_weight_zero_equals_none_and_nonzero_changes(engine, tmp_path, fmt):
+    lora = make_tiny_lora(tmp_path / f"style.v1.{fmt}.safetensors", engine.family, fmt=fmt, seed=3)
+    r = req(seed=7)
+    base = engine.generate([r])[0].image
+    engine.set_loras([(str(lora), 0.0)])
+    assert maxdiff(engine.generate([r])[0].image, base) == 0
+    engine.set_loras([(str(lora), 0.8)])
+    assert engine.loras == ((str(lora), 0.8),)
+    changed = engine.generate([r])[0].image
+    assert maxdiff(changed, base) > 10
+    engine.set_loras([(str(lora), 0.8)])  # same set: no-op
+    assert maxdiff(engine.generate([r])[0].image, changed) == 0
+    engine.set_loras([])
+    # unfused, unloaded and restored bit for bit: no drift, no leftover adapters
+    assert maxdiff(engine.generate([r])[0].image, base) == 0
+    assert not any(engine.pipeline.get_list_adapters().values())
+
+
+def test_lora_stack_weights(sd15, tmp_path):
+    a = make_tiny_lora(tmp_path / "a.safetensors", "sd15", seed=1)
+    b = make_tiny_lora(tmp_path / "b.safetensors", "sd15", seed=2, fmt="diffusers")
+    r = req(seed=5)
+    try:
+        sd15.set_loras([(str(a), 0.6)])
+        only_a = sd15.generate([r])[0].image
+        sd15.set_loras([(str(a), 0.6), (str(b), 0.0)])
+        assert maxdiff(sd15.generate([r])[0].image, only_a) <= 1
+        assert len(sd15.pipeline.get_active_adapters()) == 2
+        sd15.set_loras([(str(a), 0.6), (str(b), 0.7)])
+        assert maxdiff(sd15.generate([r])[0].image, only_a) > 10
+        sd15.set_loras([(str(b), 0.7)])
+        assert sd15.pipeline.get_active_adapters() == ["lora0_b"]
+    finally:
+        sd15.set_loras([])
+
+
+def test_text_encoder_only_lora_changes_image(sd15, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    full = make_tiny_lora(tmp_path / "full.safetensors", "sd15", seed=4)
+    te_only = tmp_path / "te.safetensors"
+    save_file({k: v for k, v in load_file(str(full)).items() if k.startswith("lora_te_")}, str(te_only))
+    base = sd15.generate([req()])[0].image
+    try:
+        sd15.set_loras([(str(te_only), 1.0)])
+        assert maxdiff(sd15.generate([req()])[0].image, base) > 5
+    finally:
+        sd15.set_loras([])
+
+
+def test_lora_family_mismatch(sd15, sdxl, tmp_path):
+    from imagegen.engine import check_lora
+
+    for fam, other in (("sd15", sdxl), ("sdxl", sd15)):
+        for fmt in ("kohya", "diffusers"):
+            lora = make_tiny_lora(tmp_path / f"{fam}-{fmt}.safetensors", fam, fmt=fmt)
+            check_lora(lora, fam)
+            with pytest.raises(ModelError, match=f"{fam}-{fmt}.safetensors.*is for {fam}.*model is {other.family}"):
+                check_lora(lora, other.family)
+            with pytest.raises(ModelError, match=f"{fam}-{fmt}.safetensors"):
+                other.set_loras([(str(lora), 1.0)])
+            assert other.loras == ()
+
+
+def test_lora_missing_or_not_a_lora(sd15, tmp_path):
+    from imagegen.engine import check_lora
+
+    with pytest.raises(ModelError, match="missing.safetensors: file not found"):
+        sd15.set_loras([(str(tmp_path / "missing.safetensors"), 1.0)])
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ModelError, match="junk.safetensors.*not a readable"):
+        check_lora(junk, "sd15")
+    with pytest.raises(ModelError, match="only `.safetensors`"):
+        check_lora(tmp_path / "x.pt", "sd15")
