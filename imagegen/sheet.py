@@ -82,6 +82,13 @@ def varying_axes(items: Sequence[SheetItem]) -> list[str]:
     return [name for name, values in axis_values(items).items() if len(values) > 1]
 
 
+def caption_axes(items: Sequence[SheetItem], exclude: Sequence[str | None] = ()) -> list[str]:
+    """The varying axes for captions, short values first (a seed is not cut off behind a prompt)."""
+    values = axis_values(items)
+    longest = {name: max(len(v) for v in vals) for name, vals in values.items()}
+    return sorted((n for n in varying_axes(items) if n not in exclude), key=lambda n: longest[n])
+
+
 def caption_for(item: SheetItem, axes: Sequence[str]) -> str:
     """`item.caption` if set, else `name value` for each axis in `axes`, joined by ` · `."""
     if item.caption:
@@ -476,6 +483,15 @@ def sheet_name(number: int) -> str:
     return f"sheet-{number:02d}.jpg"
 
 
+def list_sheets(out_dir: Path) -> list[Path]:
+    """The sheet pages in `out_dir`, in page order; [] if the folder does not exist."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    pages = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := _SHEET_NAME.match(p.name))]
+    return [p for _, p in sorted(pages)]
+
+
 def write_sheets(
     items: Sequence[SheetItem],
     out_dir: Path,
@@ -521,10 +537,8 @@ def write_sheets(
     grid = x is not None or y is not None
     # In a grid, every varying axis is on a band or a row/column label already.
     shown_elsewhere = set(varying) if grid else {by}
-    # Short values first, so that a seed or a weight is not cut off behind a long prompt.
-    longest = {name: max(len(v) for v in vals) for name, vals in axis_values(items).items()}
-    caption_axes = sorted((name for name in varying if name not in shown_elsewhere), key=lambda n: longest[n])
-    captions = {item.index: caption_for(item, caption_axes) for item in items}
+    on_caption = caption_axes(items, exclude=list(shown_elsewhere))
+    captions = {item.index: caption_for(item, on_caption) for item in items}
     caption_lines = CAPTION_LINES if any(captions.values()) else 0
     others = [name for name in varying if name not in (by, x, y)]
     layout = ""
@@ -541,10 +555,11 @@ def write_sheets(
     if grid:
         want = max(len(s.columns or []) for s in _grid_sections(items, x, y, by, others, 10**9)) if items else 1
     else:
+        # About square for a full page; no wider than the largest section.
         largest = max((len(g) for g in _group(items, [by]).values()), default=1) if by else max(len(items), 1)
-        target = min(max_per_page, largest)
+        target = min(max_per_page, max(len(items), 1))
         want = round(math.sqrt(target * probe.row_height / (THUMB_SIZE + GAP)))
-        want = min(max(want, 1), target)
+        want = min(max(want, 1), target, largest)
     columns = max(1, min(want, max_per_page))
 
     def fits(geo: _Geometry) -> bool:
@@ -581,11 +596,9 @@ def write_sheets(
         path = out_dir / sheet_name(number)
         write_atomic(path, lambda handle, im=image: im.save(handle, format="JPEG", quality=JPEG_QUALITY))
         paths.append(path)
-    if out_dir.is_dir():
-        for old in out_dir.iterdir():
-            match = _SHEET_NAME.match(old.name)
-            if match and int(match.group(1)) > len(pages):
-                old.unlink(missing_ok=True)
+    for old in list_sheets(out_dir):
+        if int(_SHEET_NAME.match(old.name).group(1)) > len(pages):  # type: ignore[union-attr]
+            old.unlink(missing_ok=True)
     return paths
 
 

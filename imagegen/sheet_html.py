@@ -17,7 +17,15 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
 
-from imagegen.sheet import MISSING, SheetItem, axis_values, caption_for, varying_axes
+from imagegen.sheet import (
+    MISSING,
+    SheetItem,
+    axis_values,
+    caption_axes,
+    caption_for,
+    list_sheets,
+    varying_axes,
+)
 from imagegen.thumbs import write_bytes_atomic
 
 INDEX_NAME = "index.html"
@@ -75,10 +83,15 @@ def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str) 
     }
 
     # 3. Fill the template in one pass, so that no inserted text is read as a placeholder.
-    cards = "\n".join(_card(item, caption_for(item, varying), Path(out_dir)) for item in items)
+    sheet_links = " ".join(
+        f'<a href="{html.escape(quote(page.name))}">{number}</a>'
+        for number, page in enumerate(list_sheets(out_dir), start=1)
+    )
+    on_caption = caption_axes(items)
+    cards = "\n".join(_card(item, caption_for(item, on_caption), Path(out_dir)) for item in items)
     fills = {
         "TITLE": html.escape(one_line_title),
-        "SUMMARY": html.escape(" · ".join(summary)),
+        "SUMMARY": html.escape(" · ".join(summary)) + (f" · sheets: {sheet_links}" if sheet_links else ""),
         "CARDS": cards,
         "EMPTY": "" if items else '<p id="empty">No images yet.</p>',
         "DATA": _script_json(data),

@@ -75,3 +75,14 @@ def test_empty_run_and_atomic_write(tmp_path):
     text = write_index_html([], out, title="empty").read_text(encoding="utf-8")
     assert "No images yet." in text
     assert [p.name for p in out.iterdir()] == ["index.html"]
+
+
+def test_links_to_the_sheet_pages(tmp_path):
+    out = tmp_path / "sheets"
+    out.mkdir()
+    for name in ("sheet-10.jpg", "sheet-02.jpg", "sheet-01.jpg", "sheet-x.jpg"):
+        (out / name).write_bytes(b"jpg")
+    text = write_index_html(items_for(tmp_path), out, title="pages").read_text(encoding="utf-8")
+    assert re.findall(r'<a href="(sheet-[^"]+)">(\d+)</a>', text) == [
+        ("sheet-01.jpg", "1"), ("sheet-02.jpg", "2"), ("sheet-10.jpg", "3")
+    ]
