@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 class EngineOOM(ImagegenError):
     """The device ran out of memory during `generate`; the caller may retry with a smaller batch."""
 
-    exit_code = 3
 
 
 @dataclass(frozen=True)
