@@ -1,0 +1,81 @@
+"""`imagegen sheet`, `imagegen pick`, `imagegen picks`: choose the keepers of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from imagegen.cli.app import app, err
+
+
+def _open(run: Path):
+    from imagegen.store import RunStore
+
+    # No lock: sheets and picks work while a render is writing into the same folder.
+    return RunStore.open(run, create=False, lock=False)
+
+
+@app.command()
+def sheet(
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder.", show_default=False),
+    by: Optional[str] = typer.Option(None, "--by", help="New section per value of this axis (prompt, seed, lora_set, lora:NAME, guidance, ...)."),
+    x: Optional[str] = typer.Option(None, "--x", help="X/Y grid: axis along the columns."),
+    y: Optional[str] = typer.Option(None, "--y", help="X/Y grid: axis along the rows."),
+    per_page: int = typer.Option(100, "--per-page", min=1, help="Images per page at most."),
+) -> None:
+    """Write contact sheets (sheets/sheet-NN.jpg) and sheets/index.html for a run."""
+    from imagegen.runsheets import write_run_sheets
+
+    store = _open(run)
+    try:
+        pages, index = write_run_sheets(store, by=by, x=x, y=y, max_per_page=per_page)
+    finally:
+        store.close()
+    for p in pages:
+        typer.echo(str(p))
+    typer.echo(str(index))
+
+
+@app.command()
+def pick(
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder.", show_default=False),
+    items: Optional[List[str]] = typer.Argument(None, metavar="INDEX...", help="Job indices (12), ranges (203-210) or job ids."),
+    from_file: Optional[Path] = typer.Option(None, "--from", help="Add the picks listed in this file (e.g. downloaded from index.html)."),
+    remove: bool = typer.Option(False, "--remove", help="Remove these picks instead of adding them."),
+    clear: bool = typer.Option(False, "--clear", help="Start from an empty pick list."),
+) -> None:
+    """Add picks to the run's picks.txt (or remove them); the upscale step reads it."""
+    from imagegen.errors import InputError
+    from imagegen.picks import format_ranges
+    from imagegen.runsheets import update_picks
+
+    if not items and from_file is None and not clear:
+        raise InputError("pick: give job indices (12 57 203-210), --from FILE or --clear")
+    if remove and clear:
+        raise InputError("pick: --remove and --clear do not go together")
+    store = _open(run)
+    try:
+        picks = update_picks(store, items or [], from_file=from_file, remove=remove, clear=clear)
+    finally:
+        store.close()
+    typer.echo(f"{len(picks)} picked: {format_ranges(picks, limit=20) or '(none)'}")
+
+
+@app.command()
+def picks(
+    run: Path = typer.Argument(..., metavar="RUN", help="Run folder.", show_default=False),
+) -> None:
+    """List the run's picks with their image files."""
+    from imagegen.runsheets import list_picks
+
+    store = _open(run)
+    try:
+        rows = list_picks(store)
+    finally:
+        store.close()
+    if not rows:
+        err(f"{run}: no picks yet (imagegen pick {run} 12 57 ...)")
+    for index, job_id, path in rows:
+        typer.echo(f"{index:>5}  {job_id}  {path if path else '(not rendered yet)'}")
