@@ -299,3 +299,24 @@ def test_lora_missing_or_not_a_lora(sd15, tmp_path):
         check_lora(junk, "sd15")
     with pytest.raises(ModelError, match="only `.safetensors`"):
         check_lora(tmp_path / "x.pt", "sd15")
+
+
+def test_lora_that_does_not_fit_the_model(sd15, tmp_path):
+    from safetensors.torch import save_file
+
+    def kohya(path, module, n_in, n_out=32):
+        k = "lora_unet_" + module
+        tensors = {k + ".lora_down.weight": torch.randn(4, n_in), k + ".lora_up.weight": torch.randn(n_out, 4),
+                   k + ".alpha": torch.tensor(4.0)}  # fmt: skip
+        save_file(tensors, str(path))
+        return str(path)
+
+    base = sd15.generate([req()])[0].image
+    missing = kohya(tmp_path / "nomatch.safetensors", "down_blocks_0_attentions_7_transformer_blocks_0_attn1_to_q", 32)
+    with pytest.raises(ModelError, match="nomatch.safetensors: cannot apply to builtin:tiny-sd15: .*not found"):
+        sd15.set_loras([(missing, 1.0)])
+    bad = kohya(tmp_path / "badshape.safetensors", "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 40)
+    with pytest.raises(ModelError, match="badshape.safetensors: cannot apply.*size mismatch"):
+        sd15.set_loras([(bad, 1.0)])
+    assert sd15.loras == () and not any(sd15.pipeline.get_list_adapters().values())
+    assert maxdiff(sd15.generate([req()])[0].image, base) == 0

@@ -6,6 +6,7 @@ torch and diffusers are imported inside methods only; `Engine` objects come from
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +151,9 @@ class Engine:
         pipe = self.pipeline
         names = [adapter_name(i, p) for i, (p, _) in enumerate(want)]
         try:
-            for (path, _), name in zip(want, names):
-                try:
-                    pipe.load_lora_weights(path, adapter_name=name)
-                except (ValueError, KeyError, RuntimeError, OSError) as e:
-                    raise ModelError(f"LoRA {path}: cannot apply to {self.model_name}: {_one_line(e)}") from None
-                loaded = {a for lst in pipe.get_list_adapters().values() for a in lst}
-                if name not in loaded:
-                    raise ModelError(f"LoRA {path}: none of its layers match {self.model_name}")
+            with warnings.catch_warnings():  # peft warns on every second adapter: expected here
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                self._load_adapters(want, names)
             pipe.set_adapters(names, adapter_weights=[w for _, w in want])
             self._backup_lora_targets()
             pipe.fuse_lora(components=[n for n, _ in self._lora_models()], adapter_names=names)
@@ -166,6 +162,23 @@ class Engine:
             self._clear_loras()
             raise
         self._loras = want
+
+    def _load_adapters(self, want: tuple[tuple[str, float], ...], names: list[str]) -> None:
+        from diffusers.utils import logging as dlog
+
+        pipe = self.pipeline
+        for (path, _), name in zip(want, names):
+            level = dlog.get_verbosity()
+            dlog.set_verbosity(dlog.CRITICAL)  # its load errors become our ModelError below
+            try:
+                pipe.load_lora_weights(path, adapter_name=name)
+            except (ValueError, KeyError, RuntimeError, OSError) as e:
+                raise ModelError(f"LoRA {path}: cannot apply to {self.model_name}: {_one_line(e)}") from None
+            finally:
+                dlog.set_verbosity(level)
+            loaded = {a for lst in pipe.get_list_adapters().values() for a in lst}
+            if name not in loaded:
+                raise ModelError(f"LoRA {path}: none of its layers match {self.model_name}")
 
     def _backup_lora_targets(self) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -43,6 +43,18 @@ def go_offline() -> None:
             setattr(mod, attr, True)
 
 
+def go_online() -> None:
+    """Undo `go_offline` (for `allow_download`)."""
+    import sys
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.pop(var, None)
+    for mod_name in ("huggingface_hub.constants", "diffusers.utils.constants"):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and hasattr(mod, "HF_HUB_OFFLINE"):
+            setattr(mod, "HF_HUB_OFFLINE", False)
+
+
 def _quiet() -> None:
     """No progress bars or info logs from the libraries: library code never prints."""
     import diffusers
@@ -146,7 +158,9 @@ def open_engine(
     unknown layouts) or a `family` that disagrees with the file; InputError for a bad device,
     dtype or family name.
     """
-    if not allow_download:
+    if allow_download:
+        go_online()
+    else:
         go_offline()
     import torch
 
