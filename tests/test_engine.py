@@ -220,6 +220,27 @@ def test_out_of_memory_becomes_engine_oom(sd15):
     assert sd15.generate([req()])[0].error is None
 
 
+def test_sdxl_fp16_vae_upcast_survives_oom():
+    """fp16 SDXL decodes in fp32 (stock VAE config: force_upcast); an OOM inside that decode
+    leaves the VAE back in fp16 so the next, smaller batch works."""
+    eng = open_engine("builtin:tiny-sdxl", device="cpu", dtype="fp16")
+    assert eng.dtype == "fp16" and eng.pipeline.vae.config.force_upcast
+    first = eng.generate([req()])[0]
+    assert first.error is None and eng.pipeline.vae.dtype == torch.float16
+
+    def oom(module, args):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    handle = eng.pipeline.vae.decoder.register_forward_pre_hook(oom)
+    try:
+        with pytest.raises(EngineOOM):
+            eng.generate([req()])
+    finally:
+        handle.remove()
+    assert eng.pipeline.vae.dtype == torch.float16
+    assert maxdiff(eng.generate([req()])[0].image, first.image) == 0
+
+
 # --- LoRAs ----------------------------------------------------------------------------------
 
 

@@ -188,6 +188,13 @@ def test_detect_accepts(kind, tmp_path):
     assert detect_family(path) == kind
 
 
+def test_detect_builtin():
+    assert detect_family("builtin:tiny-sdxl") == "sdxl"
+    assert detect_family("builtin:sd15-arch") == "sd15"
+    with pytest.raises(ModelError, match="unknown builtin model 'builtin:x'"):
+        detect_family("builtin:x")
+
+
 def test_detect_folders(tmp_path):
     assert detect_family(tiny_folder("sd15")) == "sd15"
     assert detect_family(tiny_folder("sdxl")) == "sdxl"

@@ -131,11 +131,20 @@ def _folder_family(folder: Path) -> tuple[str | None, str]:
 
 
 def detect_family(path: str | Path) -> str:
-    """"sd15" or "sdxl" for a single-file `.safetensors` checkpoint or a diffusers folder.
+    """"sd15" or "sdxl" for a single-file `.safetensors` checkpoint, a diffusers folder, or a
+    `builtin:<name>` reference.
 
     Raises ModelError for a missing path, an unreadable file, or anything else (SD2, SD3, Flux,
     inpainting, SDXL refiner, a LoRA or VAE, unknown), saying what was detected.
     """
+    if str(path).startswith("builtin:"):
+        from .builtin import BUILTIN_FAMILY
+
+        name = str(path).split(":", 1)[1]
+        if name not in BUILTIN_FAMILY:
+            raise ModelError(f"unknown builtin model {str(path)!r}; available: "
+                             + ", ".join("builtin:" + n for n in BUILTIN_FAMILY))  # fmt: skip
+        return BUILTIN_FAMILY[name]
     p = Path(path)
     if p.is_dir():
         if not (p / "model_index.json").is_file():

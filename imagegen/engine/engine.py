@@ -301,7 +301,8 @@ class Engine:
             generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
 
             # 5. Denoise and decode.
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
                 out = pipe(
                     width=first.width,
                     height=first.height,
@@ -312,6 +313,9 @@ class Engine:
                     **kwargs,
                 )
         except torch.OutOfMemoryError as e:
+            vae = getattr(pipe, "vae", None)
+            if vae is not None and vae.dtype != pipe.unet.dtype:  # OOM inside SDXL's fp32 VAE upcast
+                vae.to(dtype=pipe.unet.dtype)
             _free_device_memory()
             raise EngineOOM(
                 f"out of memory on {self.device} rendering {len(requests)} images at "
