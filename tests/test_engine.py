@@ -253,6 +253,17 @@ def test_lora_weight_zero_equals_none_and_nonzero_changes(engine, tmp_path, fmt)
     assert maxdiff(engine.generate([r])[0].image, base) == 0
     engine.set_loras([(str(lora), 0.8)])
     assert engine.loras == ((str(lora), 0.8),)
+    # every LoRA layer in the file found its module, in the UNet and in each text encoder
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        n_file = sum(k.endswith(("lora_down.weight", "lora_A.weight")) for k in f.keys())
+    comps = ["unet", "text_encoder"] + (["text_encoder_2"] if engine.family == "sdxl" else [])
+    n_model = sum(
+        isinstance(m, BaseTunerLayer) for c in comps for m in getattr(engine.pipeline, c).modules()
+    )
+    assert n_model == n_file and set(engine.pipeline.get_list_adapters()) == set(comps)
     changed = engine.generate([r])[0].image
     assert maxdiff(changed, base) > 10
     engine.set_loras([(str(lora), 0.8)])  # same set: no-op
