@@ -422,3 +422,15 @@ def test_package_import_is_torch_free():
     code = "import sys, imagegen.upscale, imagegen.cli.upscale; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_images_over_pillows_pixel_limit_are_read(tmp_path, tiny_x4, monkeypatch):
+    # Pillow refuses images over 2x MAX_IMAGE_PIXELS (~179 MP by default); lower the limit so a
+    # small image stands in for a huge one.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    src = _source(tmp_path, size=(45, 31))
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(src)
+    out = upscale_image(src, tmp_path / "o.jpg", tiny_x4, plan_passes(45, 31, 4, scale=2), fmt="jpg", tile=16)
+    assert read_metadata(out)["parameters"].endswith("Final size: 90x62")
+    assert Image.MAX_IMAGE_PIXELS == 500  # restored after use

@@ -120,4 +120,4 @@ class SRVGGNetCompact(nn.Module):
         for layer in self.body:
             out = layer(out)
         out = F.pixel_shuffle(out, self.scale)
-        return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return out.add_(F.interpolate(x, scale_factor=self.scale, mode="nearest"))

@@ -159,9 +159,8 @@ def load_upscaler(path: str | Path, *, device: str | None = None, dtype: str | N
         line = str(exc).strip().splitlines()
         raise ModelError(f"{path}: weights do not fit {spec.describe()}: {' '.join(line[1:3])[:300]}") from None
     module.eval().requires_grad_(False)
-    module.to(device=dev, dtype=getattr(torch, dt))
-    if dev.startswith("cuda"):
-        module.to(memory_format=torch.channels_last)
+    # channels_last is faster for these convs on CUDA (cuDNN) and on CPU (oneDNN, ~30%).
+    module.to(device=dev, dtype=getattr(torch, dt), memory_format=torch.channels_last)
     return Upscaler(
         arch=spec.arch, scale=spec.scale, name=path.stem, sha256=file_sha256(path), spec=spec,
         path=path, device=dev, dtype=dt, module=module,

@@ -173,8 +173,7 @@ class Tiler:
                 batch = torch.stack([x[:, y0 : y0 + ty, x0 : x0 + tx] for x0 in chunk])
                 if batch.dtype == torch.uint8:
                     batch = batch.to(torch.float32 if dev.type == "cpu" else torch.float16).div_(255)
-                if dev.type == "cuda":
-                    batch = batch.contiguous(memory_format=torch.channels_last)
+                batch = batch.contiguous(memory_format=torch.channels_last)
                 out = self._forward(batch, cfg).float()
                 for j, x0 in enumerate(chunk):
                     wgt = wy[:, None] * wx[i + j][None, :]
@@ -184,10 +183,11 @@ class Tiler:
                     self.progress(len(chunk))
             nxt = ys[bi + 1] if bi + 1 < len(ys) else None
             keep = (nxt - y0) * s if nxt is not None else ty * s
-            rows = acc[:, :keep] / wacc[:keep].clamp_min(1e-12)
             carry = (acc[:, keep:].clone(), wacc[keep:].clone()) if nxt is not None else None
-            del acc, wacc
+            rows = acc[:, :keep].div_(wacc[:keep].clamp_min_(1e-12))  # in place: no second band
+            del wacc
             yield rows, y0 * s
+            del acc, rows
 
     def tile_count(self, width: int, height: int, cfg: TileConfig) -> int:
         p = max(self.up.pad_multiple, 1)
@@ -218,5 +218,5 @@ class Tiler:
             n = min(rows.shape[1], out_h - row0)
             if n <= 0:
                 continue
-            u8 = rows[:, :n, :out_w].mul(255).round_().clamp_(0, 255).to(torch.uint8)
+            u8 = rows[:, :n, :out_w].mul_(255).round_().clamp_(0, 255).to(torch.uint8)  # rows are ours
             yield u8.permute(1, 2, 0).contiguous().cpu().numpy()

@@ -1,7 +1,7 @@
 """Write an image that arrives as uint8 row strips, without holding it whole (except JPEG).
 
-- TIFF: tiled (256x256) BigTIFF, Deflate (zlib) with horizontal predictor, via tifffile from an
-  iterator of tiles. Metadata: ImageDescription (tag 270) holds the `parameters` text (ASCII;
+- TIFF: tiled (256x256) BigTIFF, Deflate (zlib) with horizontal predictor; tiles are compressed
+  by us in a thread pool while the model makes the next strips, and tifffile writes the bytes. Metadata: ImageDescription (tag 270) holds the `parameters` text (ASCII;
   other characters as backslash escapes), private tag 65000 the exact `parameters` text as
   UTF-8, private tag 65001 the `imagegen` JSON as UTF-8.
 - PNG: written by hand: IHDR, tEXt/iTXt (`parameters`, `imagegen`), IDAT streamed through
@@ -15,18 +15,25 @@ All writers take an open binary file; atomic naming is the caller's job.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
 from imagegen.errors import InputError
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 # Defaults, one place.
 TIFF_TILE = 256  # TIFF tile side in pixels
 TIFF_LEVEL = 6  # Deflate level for TIFF tiles
+ENCODE_THREADS = max(1, min(8, os.cpu_count() or 1))  # threads compressing TIFF tiles
 PNG_LEVEL = 6  # zlib level for PNG IDAT
 PNG_IDAT_BYTES = 1 << 20  # flush compressed data in IDAT chunks of about this size
 JPEG_QUALITY = 95
@@ -72,9 +79,39 @@ def _tiles(strips: Iterable[np.ndarray], width: int, height: int, channels: int)
         raise ValueError(f"strips gave {rows_seen} rows, expected {height}")
 
 
+def _encode_tile(tile: np.ndarray, level: int) -> bytes:
+    """TIFF predictor 2 (horizontal differencing per sample, mod 256) then Deflate."""
+    diff = tile.copy()
+    np.subtract(tile[:, 1:], tile[:, :-1], out=diff[:, 1:])
+    return zlib.compress(diff, level)
+
+
+def pipelined(items: Iterable[T], fn: Callable[[T], R], *, workers: int, depth: int) -> Iterator[R]:
+    """`map(fn, items)` in order, with up to `depth` calls running in `workers` threads.
+
+    The producer of `items` (the model) keeps running in the calling thread while earlier items
+    are encoded, so the encoding overlaps the model (zlib releases the GIL).
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        queue: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                queue.append(pool.submit(fn, item))
+                while len(queue) >= depth or (queue and queue[0].done()):
+                    yield queue.popleft().result()
+            while queue:
+                yield queue.popleft().result()
+        finally:
+            for fut in queue:
+                fut.cancel()
+
+
 def write_tiff(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int, channels: int,
                parameters: str | None, imagegen: dict | None, *, level: int = TIFF_LEVEL) -> None:
-    """Tiled Deflate BigTIFF from strips (see the module doc for where metadata goes)."""
+    """Tiled Deflate BigTIFF from strips (see the module doc for where metadata goes).
+
+    Tiles are compressed in `ENCODE_THREADS` threads while the strips are still being made.
+    """
     import tifffile
 
     extratags = []
@@ -83,16 +120,22 @@ def write_tiff(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: in
     if imagegen is not None:
         extratags.append((TAG_IMAGEGEN, 7, None, json.dumps(imagegen, ensure_ascii=False).encode("utf-8"), True))
     description = parameters.encode("ascii", "backslashreplace").decode("ascii") if parameters else None
+    tiles_per_row = -(-width // TIFF_TILE)
+    encoded = pipelined(
+        _tiles(strips, width, height, channels),
+        lambda tile: _encode_tile(tile, level),
+        workers=ENCODE_THREADS,
+        depth=max(2 * ENCODE_THREADS, 2 * tiles_per_row),
+    )
     tifffile.imwrite(
         f,
-        _tiles(strips, width, height, channels),
+        encoded,
         shape=(height, width, channels),
         dtype=np.uint8,
         tile=(TIFF_TILE, TIFF_TILE),
         photometric="rgb",
         extrasamples=("unassalpha",) if channels == 4 else None,
         compression="zlib",
-        compressionargs={"level": level},
         predictor=True,
         bigtiff=True,
         description=description,
@@ -143,13 +186,22 @@ def write_png(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int
         f.write(png_text_chunk("imagegen", json.dumps(imagegen, ensure_ascii=False)))
     comp = zlib.compressobj(level)
     pending = bytearray()
-    prev = np.zeros(width * channels, np.uint8)
     rows_seen = 0
-    for strip in strips:
-        flat = strip.reshape(strip.shape[0], width * channels)
-        pending += comp.compress(_paeth(flat, prev, channels).tobytes())
-        prev = flat[-1].copy()
-        rows_seen += strip.shape[0]
+
+    def with_prev(strips: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        nonlocal rows_seen
+        prev = np.zeros(width * channels, np.uint8)
+        for strip in strips:
+            flat = strip.reshape(strip.shape[0], width * channels)
+            yield flat, prev
+            prev = flat[-1].copy()
+            rows_seen += strip.shape[0]
+
+    # One worker: the zlib stream is sequential, but it runs while the next strip is computed.
+    for data in pipelined(
+        with_prev(strips), lambda fp: comp.compress(_paeth(fp[0], fp[1], channels)), workers=1, depth=2
+    ):
+        pending += data
         while len(pending) >= PNG_IDAT_BYTES:
             f.write(_chunk(b"IDAT", bytes(pending[:PNG_IDAT_BYTES])))
             del pending[:PNG_IDAT_BYTES]
