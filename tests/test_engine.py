@@ -29,6 +29,16 @@ def _tiny_cache(tmp_path_factory):
         os.environ["IMAGEGEN_CACHE"] = old
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core CI box the spinning
+    OpenMP workers make these tests several times slower. Restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def sd15():
     return open_engine("builtin:tiny-sd15", device="cpu")
