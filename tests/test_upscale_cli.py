@@ -66,6 +66,7 @@ def test_cli_upscales_prints_plan_and_resumes(tmp_path, files):
         (["--scale", "2", "--width", "100"], "exactly one of --scale, --width, --height"),
         (["--scale", "2", "--format", "webp"], "`--format` must be one of tif, png, jpg"),
         (["--scale", "0.5"], "`scale` must be a number >= 1"),
+        (["--scale", "2", "--tile", "8"], "`--tile` must be 0 (whole image, no tiling) or at least 16"),
     ],
 )
 def test_cli_argument_errors(files, capsys, extra, message):

@@ -98,8 +98,8 @@ def upscale_files(
     fmt_key = FORMAT_ALIASES.get(fmt.lower())
     if fmt_key is None:
         raise InputError(f"`--format` must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    if tile is not None and tile < 0:
-        raise InputError(f"`--tile` must be 0 (no tiling) or a positive size in pixels; got {tile}")
+    if tile is not None and (tile < 0 or 0 < tile < 16):
+        raise InputError(f"`--tile` must be 0 (whole image, no tiling) or at least 16 pixels; got {tile}")
     if not images:
         raise InputError("give at least one `IMAGE`")
     sizes = {src: _image_size(src) for src in images}
@@ -137,7 +137,7 @@ def upscale_files(
 
 @app.command("upscale")
 def upscale(
-    images: list[Path] = typer.Argument(..., help="Image files to upscale.", show_default=False),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files to upscale.", show_default=False),
     model: Path = typer.Option(None, "--model", "-m", help="Real-ESRGAN/ESRGAN weights (.pth or .safetensors)."),
     scale: float = typer.Option(None, "--scale", help="Output size as a multiple of the input."),
     width: int = typer.Option(None, "--width", help="Output width in pixels (height keeps the aspect)."),

@@ -161,6 +161,8 @@ def load_upscaler(path: str | Path, *, device: str | None = None, dtype: str | N
     module.eval().requires_grad_(False)
     # channels_last is faster for these convs on CUDA (cuDNN) and on CPU (oneDNN, ~30%).
     module.to(device=dev, dtype=getattr(torch, dt), memory_format=torch.channels_last)
+    if dev.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # tiles repeat a few shapes: pick the fastest kernels
     return Upscaler(
         arch=spec.arch, scale=spec.scale, name=path.stem, sha256=file_sha256(path), spec=spec,
         path=path, device=dev, dtype=dt, module=module,

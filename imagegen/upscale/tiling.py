@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from imagegen.errors import ModelError
+from imagegen.errors import InputError, ModelError
 from imagegen.upscale.model import Upscaler
 
 # Defaults, one place.
@@ -29,6 +29,7 @@ CPU_BAND_BYTES = 384 << 20  # float32 band accumulators on CPU (output width x b
 CUDA_FREE_SHARE = 0.6  # share of free CUDA memory used for tiles + band accumulators
 MAX_TILE = 512  # input pixels per tile side when memory allows
 MIN_TILE = 32  # smallest automatic tile side
+MIN_EXPLICIT_TILE = 16  # smallest `tile` a caller may ask for (smaller tiles cannot overlap usefully)
 MIN_BACKOFF_TILE = 16  # out-of-memory halving stops (with an error) below this
 MAX_BATCH = 16  # tiles per forward call on CUDA
 OVERLAP = 32  # input pixels shared by neighbouring tiles (capped at tile/4)
@@ -63,6 +64,7 @@ def choose_config(up: Upscaler, width: int, height: int, tile: int | None) -> Ti
 
     On CUDA the budget is a share of the free memory; on CPU fixed budgets for the tile
     activations and for the float32 band accumulators, which grow with the output width.
+    Raises `InputError` for a `tile` between 1 and 15.
     """
     p = max(up.pad_multiple, 1)
     out_w = width * up.scale
@@ -74,10 +76,12 @@ def choose_config(up: Upscaler, width: int, height: int, tile: int | None) -> Ti
 
         free, _ = torch.cuda.mem_get_info(torch.device(up.device))
         budget = int(free * CUDA_FREE_SHARE)
+    if tile is not None and tile != 0 and tile < MIN_EXPLICIT_TILE:
+        raise InputError(f"`tile` must be 0 (whole image) or at least {MIN_EXPLICIT_TILE} pixels; got {tile}")
     if tile == 0:
-        t = max(width, height)
+        t = max(-(-width // p) * p, -(-height // p) * p)  # the padded image in one tile
     elif tile is not None:
-        t = _round_down(tile, max(p, 8)) if tile >= MIN_TILE else max(p, tile - tile % p)
+        t = _round_down(tile, max(p, 8))
     elif cuda:
         t = MAX_TILE
         while t > MIN_TILE and bpp * t * t + 32 * out_w * t * up.scale > budget:
