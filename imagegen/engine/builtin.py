@@ -114,6 +114,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+def quiet() -> None:
+    """No progress bars or info logs from diffusers/transformers: library code never prints."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _tokenizer(pad_token: str | None = None):
     from transformers import CLIPTokenizer
 
@@ -196,6 +207,7 @@ def tiny_folder(name: str) -> Path:
     final = root / f"{name}-v{TINY_VERSION}"
     if (final / "model_index.json").is_file():
         return final
+    quiet()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:

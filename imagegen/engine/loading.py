@@ -55,17 +55,6 @@ def go_online() -> None:
             setattr(mod, "HF_HUB_OFFLINE", False)
 
 
-def _quiet() -> None:
-    """No progress bars or info logs from the libraries: library code never prints."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def resolve_device(device: str | None) -> str:
     """`device` or the default: "cuda" when available, else "cpu". Raises InputError if unusable."""
     import torch
@@ -164,7 +153,7 @@ def open_engine(
         go_offline()
     import torch
 
-    _quiet()
+    builtin.quiet()
     if family not in ("auto", *FAMILIES):
         raise InputError(f"`family` must be auto, {' or '.join(FAMILIES)}; got {family!r}")
     dev = resolve_device(device)
