@@ -16,7 +16,7 @@ from imagegen.upscale.model import Upscaler, file_sha256
 from imagegen.upscale.plan import UpscalePlan
 from imagegen.upscale.resize import hpass, resize_array, resize_strips, vpass
 from imagegen.upscale.tiling import Tiler, choose_config
-from imagegen.upscale.writers import FORMAT_ALIASES, WRITERS
+from imagegen.upscale.writers import FORMAT_ALIASES, JPEG_MAX_SIDE, WRITERS
 
 ALPHA_ROWS = 256  # output rows of alpha resized per Pillow call
 
@@ -119,7 +119,8 @@ def upscale_image(
     and 65001 (`imagegen`, UTF-8); JPEG: EXIF UserComment and a COM segment.
 
     Raises `InputError` for an unreadable source, a plan made for another size or scale, an
-    unknown `fmt` or a `dst` suffix that does not match it.
+    unknown `fmt`, a `dst` suffix that does not match it, or jpg for RGBA / over 65500 px;
+    all before any model work.
     """
     src, dst = Path(src), Path(dst)
     t_all = time.perf_counter()
@@ -137,6 +138,11 @@ def upscale_image(
     h, w = rgb.shape[:2]
     if (w, h) != plan.source_size:
         raise InputError(f"plan made for {plan.source_size[0]}x{plan.source_size[1]} but {src} is {w}x{h}")
+    if fmt_key == "jpg" and alpha is not None:
+        raise InputError(f"`format` jpg cannot hold the alpha channel of {src.name}; use tif or png")
+    if fmt_key == "jpg" and max(plan.final_size) > JPEG_MAX_SIDE:
+        raise InputError(f"`format` jpg allows at most {JPEG_MAX_SIDE} px per side; the plan makes "
+                         f"{plan.final_size[0]}x{plan.final_size[1]}, use tif")
     tm["read"] = time.perf_counter() - t0
 
     # 2. Tile layout per model pass, and a progress total over all passes.

@@ -25,7 +25,7 @@ from imagegen.upscale.model import Upscaler
 
 # Defaults, one place.
 CPU_TILE_BYTES = 384 << 20  # activation budget for one CPU tile
-CPU_BAND_BYTES = 384 << 20  # float32 band accumulators on CPU (output width x band height)
+CPU_BAND_BYTES = 256 << 20  # float32 band accumulator on CPU (output width x band height x 3)
 CUDA_FREE_SHARE = 0.6  # share of free CUDA memory used for tiles + band accumulators
 MAX_TILE = 512  # input pixels per tile side when memory allows
 MIN_TILE = 32  # smallest automatic tile side
@@ -33,6 +33,7 @@ MIN_EXPLICIT_TILE = 16  # smallest `tile` a caller may ask for (smaller tiles ca
 MIN_BACKOFF_TILE = 16  # out-of-memory halving stops (with an error) below this
 MAX_BATCH = 16  # tiles per forward call on CUDA
 OVERLAP = 32  # input pixels shared by neighbouring tiles (capped at tile/4)
+STRIP_ROWS = 256  # output rows per yielded uint8 strip
 
 
 @dataclass(frozen=True)
@@ -84,16 +85,16 @@ def choose_config(up: Upscaler, width: int, height: int, tile: int | None) -> Ti
         t = _round_down(tile, max(p, 8))
     elif cuda:
         t = MAX_TILE
-        while t > MIN_TILE and bpp * t * t + 32 * out_w * t * up.scale > budget:
+        while t > MIN_TILE and bpp * t * t + 24 * out_w * t * up.scale > budget:
             t //= 2
     else:
         t_mem = int(math.sqrt(CPU_TILE_BYTES / bpp))
-        t_band = CPU_BAND_BYTES // (16 * out_w * up.scale)
+        t_band = CPU_BAND_BYTES // (12 * out_w * up.scale)
         t = _round_down(max(MIN_TILE, min(MAX_TILE, t_mem, t_band)), 16)
     t = max(p, t - t % p)
     batch = 1
     if cuda and tile != 0:
-        band = 32 * out_w * t * up.scale  # acc + weights + carry, float32
+        band = 24 * out_w * t * up.scale  # band accumulator + carry, float32 RGB
         batch = int(max(1, min(MAX_BATCH, (budget - band) // max(1, bpp * t * t))))
     overlap = min(OVERLAP, t // 4)
     overlap -= overlap % p
@@ -156,21 +157,24 @@ class Tiler:
         stride_y, stride_x = max(1, ty - cfg.overlap), max(1, tx - cfg.overlap)
         ys, xs = starts(h, ty, stride_y), starts(w, tx, stride_x)
         dev = x.device
-        wx = [
-            torch.from_numpy(feather(tx, s, left=x0 > 0, right=x0 + tx < w, overlap=cfg.overlap, margin=cfg.margin)).to(dev)
-            for x0 in xs
-        ]
-        carry: tuple[Any, Any] | None = None  # (acc, wacc) rows from the previous band
+        fx = [feather(tx, s, left=x0 > 0, right=x0 + tx < w, overlap=cfg.overlap, margin=cfg.margin) for x0 in xs]
+        fy = [feather(ty, s, left=y0 > 0, right=y0 + ty < h, overlap=cfg.overlap, margin=cfg.margin) for y0 in ys]
+        # The tiles form a grid, so the summed weight is separable: sum_i wy_i(y) * sum_j wx_j(x).
+        # Two 1-D sums replace a full-size weight accumulator.
+        sum_x = np.zeros(w * s, np.float32)
+        for x0, f in zip(xs, fx):
+            sum_x[x0 * s : (x0 + tx) * s] += f
+        sum_y = np.zeros(h * s, np.float32)
+        for y0, f in zip(ys, fy):
+            sum_y[y0 * s : (y0 + ty) * s] += f
+        wx = [torch.from_numpy(f).to(dev) for f in fx]
+        norm_x = torch.from_numpy(sum_x).to(dev)
+        carry: Any = None  # accumulated rows from the previous band that the next band adds to
         for bi, y0 in enumerate(ys):
-            wy = torch.from_numpy(
-                feather(ty, s, left=y0 > 0, right=y0 + ty < h, overlap=cfg.overlap, margin=cfg.margin)
-            ).to(dev)
+            wy = torch.from_numpy(fy[bi]).to(dev)
             acc = torch.zeros((3, ty * s, w * s), dtype=torch.float32, device=dev)
-            wacc = torch.zeros((ty * s, w * s), dtype=torch.float32, device=dev)
             if carry is not None:
-                n = carry[0].shape[1]
-                acc[:, :n] = carry[0]
-                wacc[:n] = carry[1]
+                acc[:, : carry.shape[1]] = carry
             step = max(1, min(cfg.batch, self.batch_cap))
             for i in range(0, len(xs), step):
                 chunk = xs[i : i + step]
@@ -180,16 +184,14 @@ class Tiler:
                 batch = batch.contiguous(memory_format=torch.channels_last)
                 out = self._forward(batch, cfg).float()
                 for j, x0 in enumerate(chunk):
-                    wgt = wy[:, None] * wx[i + j][None, :]
-                    acc[:, :, x0 * s : (x0 + tx) * s].addcmul_(out[j], wgt)
-                    wacc[:, x0 * s : (x0 + tx) * s].add_(wgt)
+                    acc[:, :, x0 * s : (x0 + tx) * s].addcmul_(out[j], wy[:, None] * wx[i + j][None, :])
                 if count and self.progress is not None:
                     self.progress(len(chunk))
             nxt = ys[bi + 1] if bi + 1 < len(ys) else None
             keep = (nxt - y0) * s if nxt is not None else ty * s
-            carry = (acc[:, keep:].clone(), wacc[keep:].clone()) if nxt is not None else None
-            rows = acc[:, :keep].div_(wacc[:keep].clamp_min_(1e-12))  # in place: no second band
-            del wacc
+            carry = acc[:, keep:].clone() if nxt is not None else None
+            norm_y = torch.from_numpy(sum_y[y0 * s : y0 * s + keep]).to(dev)
+            rows = acc[:, :keep].div_(norm_x).div_(norm_y[:, None])  # in place: no second band
             yield rows, y0 * s
             del acc, rows
 
@@ -220,7 +222,8 @@ class Tiler:
         out_h, out_w = h * s, w * s
         for rows, row0 in self._bands(x, cfg):
             n = min(rows.shape[1], out_h - row0)
-            if n <= 0:
-                continue
-            u8 = rows[:, :n, :out_w].mul_(255).round_().clamp_(0, 255).to(torch.uint8)  # rows are ours
-            yield u8.permute(1, 2, 0).contiguous().cpu().numpy()
+            # Convert in slices so the uint8 copies stay small next to the band.
+            for r in range(0, max(n, 0), STRIP_ROWS):
+                part = rows[:, r : min(n, r + STRIP_ROWS), :out_w]
+                u8 = part.mul_(255).round_().clamp_(0, 255).to(torch.uint8)  # rows are ours to change
+                yield u8.permute(1, 2, 0).contiguous().cpu().numpy()
