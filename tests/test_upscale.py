@@ -448,3 +448,39 @@ def test_images_over_pillows_pixel_limit_are_read(tmp_path, tiny_x4, monkeypatch
     out = upscale_image(src, tmp_path / "o.jpg", tiny_x4, plan_passes(45, 31, 4, scale=2), fmt="jpg", tile=16)
     assert read_metadata(out)["parameters"].endswith("Final size: 90x62")
     assert Image.MAX_IMAGE_PIXELS == 500  # restored after use
+
+
+def test_upscale_note_parses_as_a1111_fields(tmp_path, tiny_x4):
+    metadata = pytest.importorskip("imagegen.metadata")
+    src = _source(tmp_path)
+    out = upscale_image(src, tmp_path / "o.png", tiny_x4, plan_passes(45, 31, 4, target_width=250), fmt="png")
+    fields = metadata.parse_parameters(read_metadata(out)["parameters"])
+    assert fields["prompt"] == "a lighthouse, golden hour — ünïcode" and fields["negative"] == "blurry"
+    assert fields["Seed"] == "7" and fields["Upscaler"] == "tiny-x4"
+    assert fields["Upscaler hash"] == tiny_x4.short_hash and fields["Final size"] == "250x172"
+    assert fields["Upscale passes"].startswith("2 (x4 180x124; lanczos 63x43; x4 252x172")
+
+
+class _FailingUpscaler:
+    """A real upscaler that breaks down after `ok` forward calls (a crash mid-image)."""
+
+    def __init__(self, up, ok: int):
+        self.inner, self.ok = up, ok
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, batch):
+        if self.ok == 0:
+            raise RuntimeError("test: crash in the middle of the image")
+        self.ok -= 1
+        return self.inner(batch)
+
+
+@pytest.mark.parametrize("fmt", ["tif", "png"])
+def test_crash_mid_write_leaves_nothing(tmp_path, tiny_x4, fmt):
+    src = _source(tmp_path, size=(90, 80))
+    plan = plan_passes(90, 80, 4, scale=4)
+    with pytest.raises(RuntimeError, match="crash in the middle"):
+        upscale_image(src, tmp_path / f"o.{fmt}", _FailingUpscaler(tiny_x4, ok=5), plan, fmt=fmt, tile=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.png"]

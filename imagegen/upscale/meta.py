@@ -41,12 +41,21 @@ def source_metadata(info: dict[str, Any]) -> tuple[str | None, dict[str, Any] | 
     return params, data
 
 
+def _quote(value: str) -> str:
+    """A1111 quoting: JSON-quote a value that holds `,`, `:`, a newline or a double quote."""
+    if any(c in value for c in ',:\n"'):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
 def upscale_note(name: str, short_hash: str, plan: UpscalePlan) -> str:
-    """A1111-style fields appended to the `parameters` text (no commas inside values)."""
+    """A1111-style fields appended to the `parameters` text, e.g.
+    `Upscaler: RealESRGAN_x4plus, Upscaler hash: 0123456789, Upscale passes: 2 (x4 6144x4096;
+    lanczos 4250x2834; x4 17000x11336; lanczos 17000x11333), Final size: 17000x11333`."""
     w, h = plan.final_size
     return (
-        f"Upscaler: {name}, Upscaler hash: {short_hash}, "
-        f"Upscale passes: {plan.passes} ({plan.note()}), Final size: {w}x{h}"
+        f"Upscaler: {_quote(name)}, Upscaler hash: {short_hash}, "
+        f"Upscale passes: {_quote(f'{plan.passes} ({plan.note()})')}, Final size: {w}x{h}"
     )
 
 
