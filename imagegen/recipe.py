@@ -153,6 +153,7 @@ class _Doc:
         self.file = file
         self.check_files = check_files
         self.missing: list[str] = []  # missing-file problems when files are not checked
+        self.lora_files: list[tuple[Path_, str]] = []  # (key path, file) of every LoRA, for family checks
         self.marks: dict[Path_, tuple[int, int]] = {}
         self.key_marks: dict[Path_, tuple[int, int]] = {}
         self.problems: list[str] = []
@@ -442,6 +443,20 @@ def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str
                 doc.problem(("model", "checkpoint"), f"checkpoint folder `{path}` has no model_index.json (not a diffusers folder)")
             elif path.is_file() and path.suffix.lower() not in (".safetensors",):
                 doc.problem(("model", "checkpoint"), f"checkpoint `{path}`: only .safetensors single files are loaded (pickled .ckpt files can run code)")
+            elif doc.check_files:
+                # Read the family from the file's keys (header only, no torch): SD2, SD3, Flux,
+                # inpainting and refiners are refused here, before any model loads.
+                from imagegen.engine.detect import detect_family
+                from imagegen.errors import ModelError
+
+                try:
+                    found = detect_family(path)
+                except ModelError as exc:
+                    doc.problem(("model", "checkpoint"), exc.message)
+                else:
+                    if family not in ("auto", found):
+                        doc.problem(("model", "family"), f"`model.family` is {family} but `{path.name}` is {found}")
+                    family = found
             checkpoint = str(path.resolve())
         elif allow_download and _HUB_ID.fullmatch(ckpt):
             checkpoint = ckpt
@@ -481,6 +496,8 @@ def _lora_entry(doc: _Doc, item: Any, path: Path_, base: Path, *, sweep: bool) -
             doc.problem(path + ("path",), f"LoRA `{p}`: only .safetensors files are loaded")
             ok = False
         lora_path = str(p.resolve())
+        if ok and p.is_file():
+            doc.lora_files.append((path + ("path",), lora_path))
     name = item.get("name", Path(raw_path).stem if isinstance(raw_path, str) else "")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w\-]*", name or ""):
         doc.problem(path + ("name",) if "name" in item else path + ("path",), f"LoRA name {_show(name)} must be letters, digits, `_` or `-` (set `name:` to override the file name)")
@@ -724,6 +741,15 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     batch_size = data.get("batch_size", DEFAULTS["batch_size"])
     if not _is_int(batch_size) or not 1 <= batch_size <= 256:
         doc.problem(("batch_size",), f"`batch_size` must be a whole number from 1 to 256, got {_show(batch_size)}")
+    if family in ("sd15", "sdxl") and doc.check_files:
+        from imagegen.engine.detect import check_lora
+        from imagegen.errors import ModelError
+
+        for where, lora_file in doc.lora_files:
+            try:
+                check_lora(lora_file, family)
+            except ModelError as exc:
+                doc.problem(where, exc.message)
     max_jobs = data.get("max_jobs", DEFAULTS["max_jobs"])
     if not _is_int(max_jobs) or max_jobs < 1:
         doc.problem(("max_jobs",), f"`max_jobs` must be a whole number >= 1, got {_show(max_jobs)}")

@@ -200,15 +200,17 @@ def render_recipe(
     from imagegen.engine import EngineOOM, GenRequest, check_lora, detect_family
     from imagegen.engine import open_engine as default_open
 
-    family = recipe.family
-    if family == "auto" and not recipe.checkpoint.startswith("builtin:") and Path(recipe.checkpoint).exists():
-        family = detect_family(recipe.checkpoint)
-    for path in sorted({lu.path for j in pending for lu in j.loras}):
+    local = recipe.checkpoint.startswith("builtin:") or Path(recipe.checkpoint).exists()
+    family = detect_family(recipe.checkpoint) if local else None  # a hub id: known once loaded
+    lora_files = sorted({lu.path for j in pending for lu in j.loras})
+    for path in lora_files if family else ():
         check_lora(path, family)
     hashes = file_hashes(pending)
     emit({"event": "loading", "model": recipe.checkpoint})
     engine = (open_engine or default_open)(recipe.checkpoint, family=recipe.family, vae=recipe.vae, device=opts.device,
                                            dtype=opts.dtype, allow_download=opts.allow_download)
+    for path in lora_files if not family else ():
+        check_lora(path, engine.family)
     batch_size = opts.batch_size or recipe.batch_size
     emit({"event": "loaded", "model": engine.model_name, "family": engine.family, "device": engine.device, "dtype": engine.dtype,
           "seconds": round(time.monotonic() - started, 2), "batch_size": batch_size})

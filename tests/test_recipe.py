@@ -140,12 +140,23 @@ def test_family_mismatch_with_builtin_and_unknown_builtin(tmp_path):
     assert "unknown built-in model `builtin:tiny-sd99`" in found[0] and "builtin:tiny-sdxl" in found[0]
 
 
-def test_real_file_needs_size_or_family(tmp_path):
-    (tmp_path / "m.safetensors").write_bytes(b"x")
-    path = write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "m.safetensors"))
-    assert "`size` is needed" in problems(path)[0]
-    r = load_recipe(write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "m.safetensors\n  family: sdxl")))
-    assert r.sizes == ((1024, 1024),) and r.checkpoint == str((tmp_path / "m.safetensors").resolve())
+def test_family_and_default_size_come_from_the_checkpoint_keys(tmp_path):
+    from engine_fixtures import fake_checkpoint_shapes, write_fake_safetensors
+
+    write_fake_safetensors(tmp_path / "xl.safetensors", fake_checkpoint_shapes("sdxl"))
+    r = load_recipe(write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "xl.safetensors")))
+    assert r.family == "sdxl" and r.sizes == ((1024, 1024),)
+    assert r.checkpoint == str((tmp_path / "xl.safetensors").resolve())
+    path = write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "xl.safetensors\n  family: sd15"))
+    assert "`model.family` is sd15 but `xl.safetensors` is sdxl" in problems(path)[0]
+    write_fake_safetensors(tmp_path / "inpaint.safetensors", fake_checkpoint_shapes("inpaint"))
+    found = problems(write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "inpaint.safetensors") + "size: 512x512\n"))
+    assert found[0].startswith(f"{tmp_path / 'r.yaml'}:3:15:") and "inpaint" in found[0].lower()
+    (tmp_path / "junk.safetensors").write_bytes(b"x")
+    assert "junk.safetensors" in problems(write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "junk.safetensors")))[0]
+    # plan (files not checked) cannot read the family: then `size` is needed
+    path = write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "missing.safetensors"))
+    assert any("`size` is needed" in p for p in problems(path, check_files=False))
 
 
 def test_job_cap_states_count_and_axes(tmp_path):
@@ -199,9 +210,9 @@ lora_sets:
     - {path: c.safetensors, weight: 0.3, name: cee}
 seeds: 2
 """)
-    jobs = plan(load_recipe(path))
+    jobs = plan(load_recipe(path, check_files=False))  # placeholder files: no LoRA family check
     assert len(jobs) == 2 * 2 * 2
     assert [j.lora_set for j in jobs] == ["plain"] * 4 + ["styled"] * 4
     assert [tuple((lu.name, lu.weight) for lu in j.loras) for j in jobs[6:8]] == [(("a", 0.5), ("b", 0.8), ("cee", 0.3))] * 2
     bad = write(tmp_path, MINIMAL + "lora_sets:\n  s:\n    - {path: b.safetensors, weight: [1, 2]}\n", "bad.yaml")
-    assert "allowed in `loras`, not inside `lora_sets`" in problems(bad)[0]
+    assert "allowed in `loras`, not inside `lora_sets`" in problems(bad, check_files=False)[0]

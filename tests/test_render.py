@@ -302,3 +302,61 @@ def test_reproduce_command(tmp_path, capsys):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     assert run_app(["reproduce", str(plain)]) == 2
+
+
+def test_lora_sweep_through_render_weight_zero_equals_no_lora(tmp_path, capsys):
+    from engine_fixtures import make_tiny_lora
+
+    make_tiny_lora(tmp_path / "style.safetensors", "sd15", seed=3)
+    text = RECIPE.replace("seeds: [11, 12, 13]", "seeds: [11]")
+    path = write_recipe(tmp_path, text=text, extra="loras:\n  - {path: style.safetensors, weight: [0.0, 0.9]}\n")
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    images = sorted((tmp_path / "run" / "images").glob("*.png"))
+    assert len(images) == 4  # 2 weights x 2 prompts
+    params = parse_parameters(read_png_text(images[2])["parameters"])
+    assert params["loras"] == [("style", 0.9)] and params["Lora hashes"].startswith("style: ")
+    # the same jobs without the LoRA
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    assert run_app(["render", str(write_recipe(plain_dir, text=RECIPE.replace("seeds: [11, 12, 13]", "seeds: [11]"))), "--no-sheet"]) == 0
+    plain = sorted((plain_dir / "run" / "images").glob("*.png"))
+    assert np.abs(pixels(images[0]) - pixels(plain[0])).max() <= 1  # weight 0
+    assert np.abs(pixels(images[2]) - pixels(plain[0])).max() > 8  # weight 0.9 changes it
+
+
+def test_lora_for_the_wrong_family_stops_before_rendering(tmp_path, capsys):
+    from engine_fixtures import make_tiny_lora
+
+    make_tiny_lora(tmp_path / "xl.safetensors", "sdxl")
+    path = write_recipe(tmp_path, extra="loras:\n  - {path: xl.safetensors, weight: 1}\n")
+    assert run_app(["render", str(path), "--no-sheet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{path}:16:12: LoRA ") and "xl.safetensors is for sdxl" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not list((tmp_path / "run" / "images").glob("*.png"))
+
+
+def test_single_file_checkpoint_renders_like_the_folder(tmp_path):
+    from engine_fixtures import make_single_file, tiny_folder
+
+    ckpt = make_single_file(tmp_path / "tiny.safetensors", "sd15")
+    recipe = load_recipe(write_recipe(tmp_path, text=RECIPE.replace("builtin:{model}", "tiny.safetensors").replace("seeds: [11, 12, 13]", "seeds: [5]")))
+    folder = tiny_folder("sd15")
+    from imagegen.engine import open_engine
+
+    store = RunStore.open(tmp_path / "run")
+    try:
+        s = render_recipe(recipe, store, open_engine=lambda *a, **k: open_engine(*a, _config_dir=folder, **k))
+    finally:
+        store.close()
+    assert s.rendered == 2
+    image = sorted((tmp_path / "run" / "images").glob("*.png"))[0]
+    params = parse_parameters(read_png_text(image)["parameters"])
+    from imagegen.metadata import sha256_file
+
+    assert params["Model"] == "tiny" and params["Model hash"] == sha256_file(ckpt)[:10]
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = write_recipe(ref_dir, text=RECIPE.replace("seeds: [11, 12, 13]", "seeds: [5]"))
+    assert run_app(["render", str(ref), "--no-sheet"]) == 0
+    assert np.abs(pixels(image) - pixels(sorted((ref_dir / "run" / "images").glob("*.png"))[0])).max() <= 1
