@@ -11,9 +11,11 @@ No printing here: progress goes out as event dicts to `on_event`.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import errno
 import hashlib
 import io
+import json
 import os
 import time
 from collections import deque
@@ -180,6 +182,7 @@ def render_recipe(
     jobs = plan(recipe)
     by_id = {j.id: j for j in jobs}
     store.freeze_recipe(recipe.text, recipe.sha256, recipe.name)
+    store.set_meta("upscale", json.dumps(dataclasses.asdict(recipe.upscale)))  # paths already absolute
     sync = store.sync_plan([j.to_dict() for j in jobs])
     rec = store.reconcile(verify=verify_image)
     pending = [by_id[i] for i in store.pending_ids(retry_failed=opts.retry_failed)]

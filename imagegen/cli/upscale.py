@@ -135,26 +135,68 @@ def upscale_files(
     return written, skipped
 
 
+def run_upscale_targets(run: Path) -> tuple[list[Path], dict]:
+    """The picked, rendered images of a run folder and the recipe's `upscale:` settings.
+
+    Raises InputError when the run has no picks, or a pick is not rendered yet."""
+    import json
+
+    from imagegen.runsheets import list_picks
+    from imagegen.store import RunStore
+
+    store = RunStore.open(run, create=False, lock=False)
+    try:
+        picks = list_picks(store)
+        settings = json.loads(store.get_meta("upscale") or "{}")
+    finally:
+        store.close()
+    if not picks:
+        raise InputError(f"{run}: no picks in {run / 'picks.txt'}; pick first: imagegen pick {run} 12 57 203-210")
+    missing = [str(i) for i, _, path in picks if path is None or not path.exists()]
+    if missing:
+        raise InputError(f"{run}: picks {', '.join(missing)} have no rendered image yet; render first or remove them "
+                         f"(imagegen pick {run} --remove {' '.join(missing)})")
+    return [path for _, _, path in picks], settings
+
+
 @app.command("upscale")
 def upscale(
-    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files to upscale.", show_default=False),
+    images: list[Path] = typer.Argument(..., metavar="RUN | IMAGE...", help="A run folder (its picks) or image files.",
+                                        show_default=False),
     model: Path = typer.Option(None, "--model", "-m", help="Real-ESRGAN/ESRGAN weights (.pth or .safetensors)."),
     scale: float = typer.Option(None, "--scale", help="Output size as a multiple of the input."),
     width: int = typer.Option(None, "--width", help="Output width in pixels (height keeps the aspect)."),
     height: int = typer.Option(None, "--height", help="Output height in pixels (width keeps the aspect)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: next to each image)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/upscaled, or next to each image)."),
     tile: int = typer.Option(None, "--tile", help="Tile side in input pixels; 0 = whole image (default: from memory)."),
-    fmt: str = typer.Option(DEFAULT_FORMAT, "--format", "-f", help="tif (tiled BigTIFF), png or jpg."),
+    fmt: str = typer.Option(None, "--format", "-f", help="tif (tiled BigTIFF, default), png or jpg."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
     dtype: str = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)."),
 ) -> None:
-    """Upscale images with a Real-ESRGAN model, tile by tile, to a scale or an exact width/height."""
+    """Upscale a run's picks (settings from the recipe's `upscale:` section, overridable here)
+    or any image files, tile by tile, to a scale or an exact width/height."""
+    from imagegen.store import MANIFEST
+
+    if len(images) == 1 and images[0].is_dir() and (images[0] / MANIFEST).exists():
+        run = images[0]
+        files, settings = run_upscale_targets(run)
+        if scale is None and width is None and height is None:
+            scale, width, height = settings.get("scale"), settings.get("width"), settings.get("height")
+        model = model or (Path(settings["model"]) if settings.get("model") else None)
+        if model is None:
+            raise InputError(f"{run}: no upscale model: set `upscale.model` in the recipe or pass --model")
+        if scale is None and width is None and height is None:
+            raise InputError(f"{run}: no target size: set `upscale.width` (or height, scale) in the recipe or pass --width")
+        images, out = files, out or run / "upscaled"
+        fmt = fmt or settings.get("format") or DEFAULT_FORMAT
+        tile = tile if tile is not None else settings.get("tile")
+        out.mkdir(parents=True, exist_ok=True)
     dirs = [p for p in images if p.is_dir()]
     if dirs:
-        raise InputError(f"`IMAGE` {dirs[0]} is a folder; give image files")
+        raise InputError(f"`IMAGE` {dirs[0]} is a folder but not a run folder; give a run folder or image files")
     if model is None:
         raise InputError("`--model` is required: a Real-ESRGAN .pth or .safetensors file")
     upscale_files(
         images, model=model, scale=scale, width=width, height=height, out=out, tile=tile,
-        fmt=fmt, device=device, dtype=dtype,
+        fmt=fmt or DEFAULT_FORMAT, device=device, dtype=dtype,
     )

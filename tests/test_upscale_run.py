@@ -1,0 +1,69 @@
+"""`imagegen upscale RUN`: the whole flow, render -> pick -> upscale the picks only."""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+
+from fakes import fake_opener
+from imagegen.cli import run_app
+from imagegen.metadata import parse_parameters
+from imagegen.upscale import read_metadata
+from imagegen.upscale.arch import SRVGGNetCompact
+
+
+def make_run(tmp_path, monkeypatch, upscale: str):
+    import imagegen.engine
+
+    monkeypatch.setattr(imagegen.engine, "open_engine", fake_opener())
+    torch.manual_seed(0)
+    net = SRVGGNetCompact(num_feat=4, num_conv=1, scale=4)
+    torch.save({"params_ema": net.state_dict()}, tmp_path / "x4.pth")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent("""
+        name: up
+        model: {checkpoint: builtin:tiny-sd15}
+        prompt: a cup
+        seeds: 4
+        size: 64x64
+        output: run
+    """) + upscale)
+    assert run_app(["render", str(recipe), "--no-sheet"]) == 0
+    return tmp_path / "run"
+
+
+def test_upscale_run_uses_recipe_settings_picks_only_and_resumes(tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path, monkeypatch, "upscale: {model: x4.pth, width: 200, format: png}\n")
+    assert run_app(["pick", str(run), "2", "4"]) == 0
+    capsys.readouterr()
+    assert run_app(["upscale", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("model x4: 64x64 -> 256x256") < out.index("lanczos: 256x256 -> 200x200") < out.index("wrote ")
+    made = sorted((run / "upscaled").glob("*.png"))
+    assert [p.name.split("-")[0] for p in made] == ["0002", "0004"] and all(p.name.endswith("-200w.png") for p in made)
+    from PIL import Image
+
+    with Image.open(made[0]) as im:
+        assert im.size == (200, 200)
+    meta = read_metadata(made[0])
+    params = parse_parameters(meta["parameters"])
+    assert params["Seed"] == "1" and params["Final size"] == "200x200" and params["Upscaler"]
+    assert meta["imagegen"]["index"] == 2 and meta["imagegen"]["upscale"]
+    # again: nothing redone; command-line options override the recipe
+    mtimes = [p.stat().st_mtime_ns for p in made]
+    assert run_app(["upscale", str(run)]) == 0
+    assert [p.stat().st_mtime_ns for p in made] == mtimes
+    assert run_app(["upscale", str(run), "--scale", "2", "--format", "tif"]) == 0
+    assert len(list((run / "upscaled").glob("*-128w.tif"))) == 2
+
+
+def test_upscale_run_errors_are_clear(tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path, monkeypatch, "")
+    assert run_app(["upscale", str(run)]) == 2
+    assert "no picks" in capsys.readouterr().err
+    assert run_app(["pick", str(run), "1"]) == 0
+    assert run_app(["upscale", str(run)]) == 2
+    assert "no upscale model" in capsys.readouterr().err
+    assert run_app(["upscale", str(run), "--model", str(tmp_path / "x4.pth")]) == 2
+    assert "no target size" in capsys.readouterr().err
