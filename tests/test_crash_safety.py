@@ -183,4 +183,4 @@ def test_wait_flag_waits_for_the_lock(tmp_path, capsys):
     finally:
         timer.cancel()
     assert time.monotonic() - t0 >= 0.9
-    assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 3
+    assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 5
