@@ -157,6 +157,15 @@ def _hash_cache_path() -> Path:
     return Path(base) / "file-hashes.json"
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (not cached; see `sha256_file` for model files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     """sha256 of a file (or, for a folder, of its files' names and hashes), cached by
     (absolute path, size, mtime) so multi-GB checkpoints are hashed once."""
@@ -177,11 +186,7 @@ def sha256_file(path: str | Path) -> str:
             h.update(str(sub.relative_to(path)).encode() + b"\0" + sha256_file(sub).encode())
         digest = h.hexdigest()
     else:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        digest = h.hexdigest()
+        digest = file_sha256(path)
     with _CACHE_LOCK:
         try:
             cache = json.loads(cache_file.read_text())

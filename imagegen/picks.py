@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from imagegen.errors import InputError
-from imagegen.thumbs import write_bytes_atomic
+from imagegen.fsutil import write_bytes_atomic
 
 MAX_RANGE = 1_000_000  # a range longer than this is a typo, not a pick
 

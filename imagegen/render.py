@@ -29,7 +29,8 @@ from imagegen.errors import ImagegenError
 from imagegen.metadata import format_parameters, png_text_chunks, read_provenance, sha256_file
 from imagegen.plan import Job, canonical_content, plan
 from imagegen.recipe import Recipe
-from imagegen.store import DiskFullError, RunStore, atomic_write_bytes, image_name, thumb_name
+from imagegen.fsutil import write_bytes_atomic
+from imagegen.store import DiskFullError, RunStore, image_name, thumb_name
 
 Event = dict[str, Any]
 WRITER_THREADS = max(1, min(4, (os.cpu_count() or 2)))  # PNG encoders running beside the GPU
@@ -122,7 +123,7 @@ def _write_job(store: RunStore, job: Job, image: Any, parameters: str, provenanc
 
     data = encode_png(image, parameters, provenance)
     path = store.images / image_name(job.index, job.id)
-    atomic_write_bytes(path, data)
+    write_bytes_atomic(path, data)
     thumb = store.thumbs / thumb_name(job.index, job.id)
     save_thumbnail_atomic(make_thumbnail(image), thumb)
     return path, hashlib.sha256(data).hexdigest(), thumb

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imagegen.errors import InputError
-from imagegen.thumbs import THUMB_SIZE, write_atomic
+from imagegen.fsutil import write_atomic
+from imagegen.thumbs import THUMB_SIZE
 
 if TYPE_CHECKING:
     from PIL import Image, ImageDraw, ImageFont

@@ -26,7 +26,7 @@ from imagegen.sheet import (
     list_sheets,
     varying_axes,
 )
-from imagegen.thumbs import write_bytes_atomic
+from imagegen.fsutil import write_bytes_atomic
 
 INDEX_NAME = "index.html"
 TEMPLATE = "sheet_index.html"  # under imagegen/templates/

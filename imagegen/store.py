@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from imagegen.errors import ImagegenError, InputError, RunLockedError
+from imagegen.fsutil import fsync_dir, remove_temp_files, write_bytes_atomic
 
-TMP_PREFIX = ".tmp-"
 IMAGE_NAME = re.compile(r"^(\d+)-([0-9a-f]{12})\.png$")
 MANIFEST = "manifest.sqlite"
 
@@ -67,38 +67,6 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 
 class DiskFullError(ImagegenError):
     """The disk filled up while writing; what was finished is kept."""
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either complete or absent, even after kill -9."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
 
 
 def image_name(index: int, job_id: str) -> str:
@@ -241,10 +209,10 @@ class RunStore:
         if old_sha and old_sha != sha256 and current.exists():
             hist = self.folder / "recipe-history"
             hist.mkdir(exist_ok=True)
-            atomic_write_bytes(hist / f"{old_sha[:12]}.yaml", current.read_bytes())
+            write_bytes_atomic(hist / f"{old_sha[:12]}.yaml", current.read_bytes())
         if old_sha != sha256 or not current.exists():
-            atomic_write_bytes(current, text.encode("utf-8"))
-            atomic_write_bytes(self.folder / "recipe.sha256", f"{sha256}  recipe.yaml\n".encode())
+            write_bytes_atomic(current, text.encode("utf-8"))
+            write_bytes_atomic(self.folder / "recipe.sha256", f"{sha256}  recipe.yaml\n".encode())
         self.set_meta("recipe_sha256", sha256)
         self.set_meta("recipe_name", name)
 
@@ -285,12 +253,8 @@ class RunStore:
         `verify(path, job_id)` returns True); puts `done` rows whose file is gone back to
         pending; renames images whose job index changed with a recipe edit."""
         report = ReconcileReport()
-        for folder in (self.images, self.thumbs, self.sheets, self.folder):
-            if folder.is_dir():
-                for p in folder.iterdir():
-                    if p.name.startswith(TMP_PREFIX):
-                        p.unlink(missing_ok=True)
-                        report.temp_removed += 1
+        for folder in (self.images, self.thumbs, self.sheets, self.folder, self.folder / "recipe-history"):
+            report.temp_removed += remove_temp_files(folder)
         on_disk: dict[str, Path] = {}
         for p in self.images.glob("*.png"):
             m = IMAGE_NAME.match(p.name)

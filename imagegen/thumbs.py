@@ -1,4 +1,4 @@
-"""Thumbnails for the contact sheets, and the atomic file write they share.
+"""Thumbnails for the contact sheets.
 
 The image writer calls `make_thumbnail` on the image it already holds in memory and
 `save_thumbnail_atomic` next to the PNG, so the sheets never decode a full render.
@@ -6,61 +6,16 @@ The image writer calls `make_thumbnail` on the image it already holds in memory 
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
+
+from imagegen.fsutil import write_atomic
 
 if TYPE_CHECKING:
     from PIL import Image
 
 THUMB_SIZE = 256  # long side of a thumbnail in pixels; sheet cells are laid out for this size
 THUMB_QUALITY = 85  # JPEG quality of thumbnails: small files, no visible blocking at 256 px
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through `write(file)` so that it is either complete or absent.
-
-    The bytes go to a temporary file in the same folder, which is flushed, fsynced and
-    renamed over `path`; on any error the temporary file is removed and the error re-raised.
-    The parent folder is created if missing.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (see `write_atomic`)."""
-    write_atomic(path, lambda handle: handle.write(data))
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable; a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

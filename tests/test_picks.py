@@ -94,7 +94,7 @@ def test_write_picks_empty(tmp_path):
 
 
 def test_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
-    import imagegen.thumbs as thumbs
+    import imagegen.fsutil as fsutil
 
     path = tmp_path / "picks.txt"
     write_picks(path, [1, 2])
@@ -102,7 +102,7 @@ def test_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(thumbs.os, "replace", boom)
+    monkeypatch.setattr(fsutil.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_picks(path, [5])
     assert read_picks(path) == [1, 2]

@@ -251,7 +251,7 @@ def test_cuda_oom_halves_the_batch(tmp_path):
 def test_disk_full_stops_cleanly_and_resumes(tmp_path, monkeypatch, capsys):
     import imagegen.render as R
 
-    real = R.atomic_write_bytes
+    real = R.write_bytes_atomic
     calls = {"n": 0}
 
     def full_after_two(path, data):
@@ -260,14 +260,14 @@ def test_disk_full_stops_cleanly_and_resumes(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(R, "atomic_write_bytes", full_after_two)
+    monkeypatch.setattr(R, "write_bytes_atomic", full_after_two)
     path = write_recipe(tmp_path)
     code = run_app(["render", str(path), "--no-sheet"])
     err = capsys.readouterr().err
     assert code == 1 and "disk full" in err and "run the same command again to resume" in err
     run = tmp_path / "run"
     assert len(list((run / "images").glob("*.png"))) == 2 and not list(run.rglob(".tmp-*"))
-    monkeypatch.setattr(R, "atomic_write_bytes", real)
+    monkeypatch.setattr(R, "write_bytes_atomic", real)
     assert run_app(["render", str(path), "--no-sheet"]) == 0
     assert len(list((run / "images").glob("*.png"))) == 6
 

@@ -119,10 +119,13 @@ def upscale_files(
         for line in job.plan.describe().splitlines():
             echo(f"    {line}")
 
-    # 3. Run what is missing.
+    # 3. Run what is missing (after clearing half-written files a killed run left).
+    from imagegen.fsutil import remove_temp_files
+
     written: list[Path] = []
     skipped: list[Path] = []
     for i, job in enumerate(jobs, 1):
+        remove_temp_files(job.dst.parent, job.dst.name)
         if job.dst.exists():
             skipped.append(job.dst)
             continue

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imagegen.errors import InputError, ModelError
+from imagegen.metadata import sha256_file
 from imagegen.upscale.detect import ArchSpec, detect, esrgan_to_basicsr, unwrap
 
 # Accepted `dtype` names and what they mean; None picks fp16 on CUDA and fp32 on CPU.
 DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -164,6 +155,6 @@ def load_upscaler(path: str | Path, *, device: str | None = None, dtype: str | N
     if dev.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # tiles repeat a few shapes: pick the fastest kernels
     return Upscaler(
-        arch=spec.arch, scale=spec.scale, name=path.stem, sha256=file_sha256(path), spec=spec,
+        arch=spec.arch, scale=spec.scale, name=path.stem, sha256=sha256_file(path), spec=spec,
         path=path, device=dev, dtype=dt, module=module,
     )

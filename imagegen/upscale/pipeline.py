@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -11,8 +10,10 @@ from typing import Any
 import numpy as np
 
 from imagegen.errors import InputError
+from imagegen.fsutil import write_atomic
 from imagegen.upscale.meta import allow_huge_images, source_metadata, upscale_note, with_note
-from imagegen.upscale.model import Upscaler, file_sha256
+from imagegen.metadata import file_sha256
+from imagegen.upscale.model import Upscaler
 from imagegen.upscale.plan import UpscalePlan
 from imagegen.upscale.resize import hpass, resize_array, resize_strips, vpass
 from imagegen.upscale.tiling import Tiler, choose_config
@@ -69,29 +70,6 @@ def _add_alpha(strips: Iterable[np.ndarray], alpha: np.ndarray, size: tuple[int,
         a = vpass(wide, h_src, size[1], y, y + n)
         yield np.concatenate([strip, a[..., None]], axis=2)
         y += n
-
-
-def _atomic_write(dst: Path, write: Callable[[Any], None]) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(dst.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def upscale_image(
@@ -224,7 +202,7 @@ def upscale_image(
     fw, fh = plan.final_size
     dst.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    _atomic_write(dst, lambda f: writer(f, strips, fw, fh, channels, with_note(params, note), data))
+    write_atomic(dst, lambda f: writer(f, strips, fw, fh, channels, with_note(params, note), data))
     t_write = time.perf_counter() - t0
     # 7. Exclusive times per stage.
     last_model_s = tm.pop("last_model", 0.0)
