@@ -360,3 +360,20 @@ def test_single_file_checkpoint_renders_like_the_folder(tmp_path):
     ref = write_recipe(ref_dir, text=RECIPE.replace("seeds: [11, 12, 13]", "seeds: [5]"))
     assert run_app(["render", str(ref), "--no-sheet"]) == 0
     assert np.abs(pixels(image) - pixels(sorted((ref_dir / "run" / "images").glob("*.png"))[0])).max() <= 1
+
+
+def test_render_with_the_network_blocked(tmp_path, monkeypatch):
+    """Nothing in validate -> load -> render -> sheets may open a connection."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    path = write_recipe(tmp_path, model="tiny-sdxl")
+    assert run_app(["render", str(path)]) == 0
+    assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 6
+    assert (tmp_path / "run" / "sheets" / "index.html").exists()
