@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -67,16 +68,23 @@ class RenderSummary:
         return self.rendered / self.seconds if self.seconds > 0 else 0.0
 
 
-def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None], engine: Any, seconds: float) -> dict:
-    """The `imagegen` JSON stored in each PNG: enough to reproduce and audit the image."""
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that decide the pixels."""
     import importlib.metadata as md
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("torch", "diffusers", "transformers", "peft"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
+    return versions
+
+
+def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None], engine: Any, seconds: float,
+                   scheduler_config: dict | None = None) -> dict:
+    """The `imagegen` JSON stored in each PNG: enough to reproduce and audit the image."""
     content = canonical_content(
         checkpoint=job.checkpoint, vae=job.vae, loras=job.loras, prompt=job.prompt, negative=job.negative, seed=job.seed,
         width=job.width, height=job.height, steps=job.steps, guidance=job.guidance, scheduler=job.scheduler, clip_skip=job.clip_skip,
@@ -92,8 +100,8 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
         "model": {"checkpoint": job.checkpoint, "sha256": hashes.get(job.checkpoint), "vae": job.vae,
                   "vae_sha256": hashes.get(job.vae) if job.vae else None},
         "loras": [{"name": lu.name, "path": lu.path, "weight": lu.weight, "sha256": hashes.get(lu.path)} for lu in job.loras],
-        "scheduler_config": engine.scheduler_config(job.scheduler),
-        "versions": versions,
+        "scheduler_config": scheduler_config if scheduler_config is not None else engine.scheduler_config(job.scheduler),
+        "versions": library_versions(),
         "device": engine.device,
         "dtype": engine.dtype,
         "seconds": round(seconds, 4),
@@ -127,6 +135,16 @@ def _write_job(store: RunStore, job: Job, image: Any, parameters: str, provenanc
     thumb = store.thumbs / thumb_name(job.index, job.id)
     save_thumbnail_atomic(make_thumbnail(image), thumb)
     return path, hashlib.sha256(data).hexdigest(), thumb
+
+
+def remake_thumbnail(image_path: Path, thumb_path: Path) -> None:
+    """Rebuild a thumbnail a crash left out (the only time a full render is decoded again)."""
+    from PIL import Image
+
+    from imagegen.thumbs import make_thumbnail, save_thumbnail_atomic
+
+    with Image.open(image_path) as im:
+        save_thumbnail_atomic(make_thumbnail(im.convert("RGB")), thumb_path)
 
 
 def verify_image(path: Path, job_id: str) -> bool:
@@ -186,6 +204,8 @@ def render_recipe(
     store.set_meta("upscale", json.dumps(dataclasses.asdict(recipe.upscale)))  # paths already absolute
     sync = store.sync_plan([j.to_dict() for j in jobs])
     rec = store.reconcile(verify=verify_image)
+    for _, image_path, thumb_path in rec.missing_thumbs:
+        remake_thumbnail(image_path, thumb_path)
     pending = [by_id[i] for i in store.pending_ids(retry_failed=opts.retry_failed)]
     counts = store.counts()
     summary = RenderSummary(recipe.name, str(store.folder), len(jobs), already_done=counts["done"])
@@ -253,6 +273,7 @@ def render_recipe(
         emit({"event": "failed", "index": job.index, "id": job.id, "error": error})
 
     stop_reason: str | None = None
+    scheduler_configs: dict[str, dict] = {}
     try:
         queue = deque(j for g in ordered for j in g)
         current_key = None
@@ -292,8 +313,10 @@ def render_recipe(
                 if result.error or result.image is None:
                     fail(job, result.error or "no image returned", per_image)
                     continue
+                if job.scheduler not in scheduler_configs:
+                    scheduler_configs[job.scheduler] = engine.scheduler_config(job.scheduler)
                 params = job_parameters(job, hashes, engine.model_name)
-                prov = job_provenance(job, recipe, hashes, engine, per_image)
+                prov = job_provenance(job, recipe, hashes, engine, per_image, scheduler_configs[job.scheduler])
                 inflight.append((job, per_image, pool.submit(_write_job, store, job, result.image, params, prov)))
             harvest(block=False)
             if on_refresh and time.monotonic() - last_refresh > opts.refresh_every:

@@ -84,6 +84,7 @@ class ReconcileReport:
     reset_missing: int = 0
     renamed: int = 0
     untracked: list[str] = field(default_factory=list)
+    missing_thumbs: list[tuple[str, Path, Path]] = field(default_factory=list)  # (job id, image, thumb to make)
 
 
 @dataclass
@@ -286,8 +287,10 @@ class RunStore:
                 report.renamed += 1
                 path = target
             thumb = self.thumbs / (path.stem + ".jpg")
+            if not thumb.exists():  # killed between the image and its thumbnail
+                report.missing_thumbs.append((job_id, path, thumb))
             c.execute("UPDATE jobs SET file = ?, thumb = ? WHERE id = ?",
-                      (str(path.relative_to(self.folder)), str(thumb.relative_to(self.folder)) if thumb.exists() else None, job_id))
+                      (str(path.relative_to(self.folder)), str(thumb.relative_to(self.folder)), job_id))
         for row in rows.values():
             if row.status == "done" and row.id not in on_disk:
                 c.execute("UPDATE jobs SET status = 'pending', file = NULL, sha256 = NULL, thumb = NULL WHERE id = ?", (row.id,))

@@ -67,8 +67,8 @@ def wait_for_images(proc: subprocess.Popen, run: Path, count: int, timeout: floa
     raise AssertionError("render made no progress")
 
 
-def check_consistent(run: Path) -> dict[str, str]:
-    """Manifest and disk agree; returns {job id: image sha256} of finished jobs."""
+def check_consistent(run: Path) -> tuple[dict[str, str], set[str]]:
+    """Manifest and disk agree; returns ({job id: image sha256} of finished jobs, ids with a thumbnail)."""
     assert not list(run.rglob(".tmp-*")), "a half-written file was left behind"
     with sqlite3.connect(run / "manifest.sqlite") as db:
         rows = db.execute("SELECT id, status, file, sha256 FROM jobs").fetchall()
@@ -79,10 +79,11 @@ def check_consistent(run: Path) -> dict[str, str]:
             assert hashlib.sha256(data).hexdigest() == sha
             done[job_id] = sha
     on_disk = {p.stem.split("-")[1] for p in (run / "images").glob("*.png")}
+    thumbs = {p.stem.split("-")[1] for p in (run / "thumbs").glob("*.jpg")}
     # an image may exist before its row says done (killed between rename and commit);
     # the next start adopts it, so only "done without a file" is an inconsistency
     assert set(done) <= on_disk
-    return done
+    return done, thumbs
 
 
 @pytest.mark.slow
@@ -116,8 +117,8 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_images(tmp_path):
     final = subprocess.run([sys.executable, "-m", "imagegen", "render", str(recipe), "--no-sheet"], cwd=work,
                            capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
-    done = check_consistent(run)
-    assert len(done) == 20
+    done, thumbs = check_consistent(run)
+    assert len(done) == 20 and set(done) == thumbs  # thumbnails a kill left out were rebuilt
     ref_images = sorted((ref_dir / "run" / "images").glob("*.png"))
     got = sorted((run / "images").glob("*.png"))
     assert [p.name for p in got] == [p.name for p in ref_images]
@@ -142,12 +143,12 @@ def test_signal_finishes_what_is_generated_and_says_how_to_resume(tmp_path, sig,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "to resume: imagegen render" in err and str(recipe) in err
-    done = check_consistent(run)
+    done, _ = check_consistent(run)
     assert 1 <= len(done) < 20
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "finish" and events[-1]["interrupted"] == signal.Signals(sig).name
     assert run_app(["render", str(recipe), "--no-sheet"]) == 0
-    assert len(check_consistent(run)) == 20
+    assert len(check_consistent(run)[0]) == 20
 
 
 def test_lock_names_holder_and_stale_lock_is_recovered(tmp_path):

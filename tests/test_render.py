@@ -377,3 +377,13 @@ def test_render_with_the_network_blocked(tmp_path, monkeypatch):
     assert run_app(["render", str(path)]) == 0
     assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 6
     assert (tmp_path / "run" / "sheets" / "index.html").exists()
+
+
+def test_thumbnail_lost_in_a_crash_is_rebuilt(tmp_path):
+    path = write_recipe(tmp_path)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    thumb = sorted((tmp_path / "run" / "thumbs").glob("*.jpg"))[1]
+    thumb.unlink()
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    with Image.open(thumb) as im:
+        assert max(im.size) == 256
