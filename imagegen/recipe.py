@@ -345,16 +345,17 @@ def _text(doc: _Doc, data: dict, key: str, *, required: bool = False, default: s
     return value
 
 
-def _seeds(doc: _Doc, data: dict) -> tuple[int, ...]:
+def _seeds(doc: _Doc, data: dict, cap: int) -> tuple[int, ...]:
+    """The recipe's seeds; more than `cap` (the job cap) is an error before any list is built."""
     raw = data.get("seeds", DEFAULTS["seeds"])
     path: Path_ = ("seeds",)
     bad = f"`seeds` must be a count, a list of seeds, {{start: N, count: M}} or a range \"1000-1099\", got {_show(raw)}"
-    seeds: list[int] = []
+    seeds: range | None = None
     if _is_int(raw):
         if raw < 1:
             doc.problem(path, f"`seeds` count must be at least 1, got {raw}")
             return ()
-        seeds = list(range(raw))
+        seeds = range(raw)
     elif isinstance(raw, str):
         m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", raw)
         if not m:
@@ -364,7 +365,7 @@ def _seeds(doc: _Doc, data: dict) -> tuple[int, ...]:
         if hi < lo:
             doc.problem(path, f"`seeds` range \"{raw}\" ends before it starts")
             return ()
-        seeds = list(range(lo, hi + 1))
+        seeds = range(lo, hi + 1)
     elif isinstance(raw, dict):
         start, count = raw.get("start", 0), raw.get("count")
         if not _is_int(start) or start < 0:
@@ -373,11 +374,12 @@ def _seeds(doc: _Doc, data: dict) -> tuple[int, ...]:
         if not _is_int(count) or count < 1:
             doc.problem(path + ("count",) if "count" in raw else path, f"`seeds.count` must be a whole number >= 1, got {_show(count)}")
             return ()
-        seeds = list(range(start, start + count))
+        seeds = range(start, start + count)
     elif isinstance(raw, list):
         if not raw:
             doc.problem(path, "`seeds` is an empty list; give at least one seed")
             return ()
+        out: list[int] = []
         seen: set[int] = set()
         for i, s in enumerate(raw):
             if not _is_int(s) or not 0 <= s <= MAX_SEED:
@@ -386,13 +388,16 @@ def _seeds(doc: _Doc, data: dict) -> tuple[int, ...]:
                 doc.problem(path + (i,), f"seed {s} is listed twice")
             else:
                 seen.add(s)
-                seeds.append(s)
-        return tuple(seeds)
+                out.append(s)
+        return tuple(out)
     else:
         doc.problem(path, bad)
         return ()
-    if seeds and seeds[-1] > MAX_SEED:
+    if seeds[-1] > MAX_SEED:
         doc.problem(path, f"seeds must be at most {MAX_SEED}, the range reaches {seeds[-1]}")
+        return ()
+    if len(seeds) > cap:
+        doc.problem(path, f"`seeds` gives {len(seeds)} seeds, more than `max_jobs: {cap}` allows on its own")
         return ()
     return tuple(seeds)
 
@@ -443,7 +448,7 @@ def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str
                 doc.problem(("model", "checkpoint"), f"checkpoint folder `{path}` has no model_index.json (not a diffusers folder)")
             elif path.is_file() and path.suffix.lower() not in (".safetensors",):
                 doc.problem(("model", "checkpoint"), f"checkpoint `{path}`: only .safetensors single files are loaded (pickled .ckpt files can run code)")
-            elif doc.check_files:
+            else:
                 # Read the family from the file's keys (header only, no torch): SD2, SD3, Flux,
                 # inpainting and refiners are refused here, before any model loads.
                 from imagegen.engine.detect import detect_family
@@ -703,6 +708,8 @@ def load_recipe(path: str | Path, *, allow_download: bool = False, check_files: 
         near = [lines[m.line] for m in (exc.context_mark, exc.problem_mark) if m and m.line < len(lines)]
         if any(re.search(r":\s+[{\[][^}\]]*\|", ln) for ln in near):
             what += " (a prompt that starts with `{` must be quoted: prompt: \"{a|b} cat\")"
+        elif "escape character" in what:
+            what += " (inside double quotes YAML reads `\\` itself: use single quotes, 'a \\{b\\}', or write \\\\{)"
         raise RecipeError([f"{where}: YAML syntax error: {what}"]) from None
     except yaml.YAMLError as exc:
         raise RecipeError([f"{shown}: YAML error: {' '.join(str(exc).split())}"]) from None
@@ -727,7 +734,14 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     loras, lora_sets = _loras(doc, data, base)
     templates, variants, _ = _prompt_variants(doc, data, base)
     negative = _text(doc, data, "negative", default=DEFAULTS["negative"]) or ""
-    seeds = _seeds(doc, data)
+    if re.search(r"(?<!\\)\{[^}]*(?<!\\)\||__[A-Za-z0-9][\w\-./]*__", negative):
+        doc.problem(("negative",), "`negative` is used as written: variant syntax `{a|b}` and `__wildcards__` are only "
+                                   "expanded in prompts (put the variants in the prompt, or sweep with several recipes)")
+    max_jobs = data.get("max_jobs", DEFAULTS["max_jobs"])
+    if not _is_int(max_jobs) or max_jobs < 1:
+        doc.problem(("max_jobs",), f"`max_jobs` must be a whole number >= 1, got {_show(max_jobs)}")
+        max_jobs = DEFAULTS["max_jobs"]
+    seeds = _seeds(doc, data, max_jobs)
     default_size = _default_size(checkpoint, family)
     if "size" not in data and default_size is None and checkpoint:
         doc.problem((), "`size` is needed when `model.family` is auto (or set `model.family: sd15` for 512x512, `sdxl` for 1024x1024)")
@@ -750,10 +764,6 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
                 check_lora(lora_file, family)
             except ModelError as exc:
                 doc.problem(where, exc.message)
-    max_jobs = data.get("max_jobs", DEFAULTS["max_jobs"])
-    if not _is_int(max_jobs) or max_jobs < 1:
-        doc.problem(("max_jobs",), f"`max_jobs` must be a whole number >= 1, got {_show(max_jobs)}")
-        max_jobs = DEFAULTS["max_jobs"]
     output_raw = _text(doc, data, "output")
     if output_raw is not None and not _is_path_text(output_raw):
         doc.problem(("output",), f"`output` must be a folder path, got {_show(output_raw)}")
@@ -787,7 +797,7 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         text=text,
         warnings=tuple(doc.missing),
     )
-    from imagegen.plan import axis_counts  # pure; no torch
+    from imagegen.plan import axis_counts, iter_jobs  # pure; no torch
 
     counts = axis_counts(recipe)
     total = 1
@@ -798,6 +808,19 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         where = ("max_jobs",) if "max_jobs" in data else ()
         doc.problem(where, f"the recipe expands to {total} jobs ({spread}), more than `max_jobs: {max_jobs}`; raise `max_jobs` or shrink an axis")
         raise RecipeError(doc.problems)
+    # Two axis values that make the same image (e.g. two LoRA sets with the same stack) would
+    # give two jobs one id: one image, two indices. Refuse rather than render half of them.
+    seen: dict[str, Any] = {}
+    for job in iter_jobs(recipe):
+        first = seen.setdefault(job.id, job)
+        if first is not job:
+            if first.lora_set != job.lora_set:
+                doc.problem(("lora_sets", job.lora_set), f"LoRA sets `{first.lora_set}` and `{job.lora_set}` give the same LoRA "
+                                                         "stack, so their jobs would be identical; remove one", key=True)
+            else:
+                doc.problem((), f"jobs {first.index} and {job.index} are identical (same model, LoRAs, prompt, seed and "
+                                "settings); remove the repeated value")
+            raise RecipeError(doc.problems)
     return recipe
 
 

@@ -202,8 +202,12 @@ def render_recipe(
     by_id = {j.id: j for j in jobs}
     store.freeze_recipe(recipe.text, recipe.sha256, recipe.name)
     store.set_meta("upscale", json.dumps(dataclasses.asdict(recipe.upscale)))  # paths already absolute
+    old_ids = {r.index: r.id for r in store.rows()}
     sync = store.sync_plan([j.to_dict() for j in jobs])
     rec = store.reconcile(verify=verify_image)
+    from imagegen.runsheets import remap_picks
+
+    picks_moved, picks_orphaned = remap_picks(store, old_ids)
     for _, image_path, thumb_path in rec.missing_thumbs:
         remake_thumbnail(image_path, thumb_path)
     pending = [by_id[i] for i in store.pending_ids(retry_failed=opts.retry_failed)]
@@ -214,7 +218,8 @@ def render_recipe(
         pending = pending[: opts.limit]
     emit({"event": "start", "recipe": recipe.name, "folder": str(store.folder), "planned": len(jobs), "done": counts["done"],
           "failed": counts["failed"], "to_render": len(pending), "new": sync["new"], "orphaned": sync["orphaned"],
-          "adopted": rec.adopted, "temp_removed": rec.temp_removed, "reset_missing": rec.reset_missing})
+          "adopted": rec.adopted, "temp_removed": rec.temp_removed, "reset_missing": rec.reset_missing,
+          "renamed": rec.renamed, "untracked": rec.untracked, "picks_moved": picks_moved, "picks_orphaned": picks_orphaned})
     if not pending:
         summary.seconds = time.monotonic() - started
         emit({"event": "finish", **_summary_event(summary)})
@@ -262,7 +267,12 @@ def render_recipe(
                     summary.left += 1
                     continue
                 raise ImagegenError(f"cannot write {store.images / image_name(job.index, job.id)}: {exc.strerror or exc}") from None
-            store.mark_done(job.id, file=path, sha256=sha, thumb=thumb, seconds=seconds)
+            try:
+                store.mark_done(job.id, file=path, sha256=sha, thumb=thumb, seconds=seconds)
+            except DiskFullError as exc:  # the image is on disk; the next start adopts it
+                disk_full.append(exc.message)
+                summary.left += 1
+                continue
             summary.rendered += 1
             emit({"event": "image", "index": job.index, "id": job.id, "seconds": round(seconds, 4), "file": str(path)})
 
@@ -325,14 +335,19 @@ def render_recipe(
                 last_refresh = time.monotonic()
         summary.left += len(queue)
     finally:
-        harvest(block=True) if not disk_full else _drain_quietly(inflight, store, summary, emit)
-        pool.shutdown(wait=True)
-        summary.seconds = time.monotonic() - render_start
-        summary.batch_size = batch_size
+        try:
+            if disk_full:
+                _drain_quietly(inflight, store, summary, emit)
+            else:
+                harvest(block=True)
+        finally:
+            pool.shutdown(wait=True)
+            summary.seconds = time.monotonic() - render_start
+            summary.batch_size = batch_size
     summary.interrupted = stop_reason
     emit({"event": "finish", **_summary_event(summary)})
     if disk_full:
-        raise DiskFullError(f"disk full while writing images into {store.images}: {summary.rendered} images finished and kept, "
+        raise DiskFullError(f"disk full while writing into {store.folder}: {summary.rendered} images finished and kept, "
                             f"{summary.left} left; free some space and run the same command again to resume")
     return summary
 
@@ -343,10 +358,10 @@ def _drain_quietly(inflight: deque, store: RunStore, summary: RenderSummary, emi
         job, seconds, fut = inflight.popleft()
         try:
             path, sha, thumb = fut.result()
-        except OSError:
-            summary.left += 1
+            store.mark_done(job.id, file=path, sha256=sha, thumb=thumb, seconds=seconds)
+        except (OSError, DiskFullError):
+            summary.left += 1  # written or not, the next start sorts it out
             continue
-        store.mark_done(job.id, file=path, sha256=sha, thumb=thumb, seconds=seconds)
         summary.rendered += 1
         emit({"event": "image", "index": job.index, "id": job.id, "seconds": round(seconds, 4), "file": str(path)})
 

@@ -32,9 +32,20 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
     from imagegen.engine import open_engine as default_open
 
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    if out is not None:
+        out = Path(out)
+        if out.suffix.lower() != ".png":
+            raise InputError(f"`--out` {out}: give a .png file name")
+        if not out.parent.is_dir():
+            raise InputError(f"`--out` {out}: folder {out.parent} does not exist")
     prov = read_provenance(path)
     if not prov or "content" not in prov:
         raise InputError(f"{path}: no imagegen metadata (only images rendered by imagegen can be reproduced)")
+    if prov.get("upscale"):
+        raise InputError(f"{path}: an upscaled image; reproduce its source render instead "
+                         f"({prov['upscale'].get('source', {}).get('file', 'the image in images/')})")
     c = prov["content"]
     for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"])]:
         if ref and not ref.startswith("builtin:") and not Path(ref).exists():
@@ -56,5 +67,9 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
         d = np.abs(old - new)
         diff_max, diff_mean = int(d.max()), float(d.mean())
     if out is not None:
-        result.image.save(out)
+        from imagegen.fsutil import write_atomic
+        from imagegen.metadata import png_text_chunks, read_png_text
+
+        params = read_png_text(path).get("parameters", "")
+        write_atomic(out, lambda f: result.image.save(f, format="PNG", pnginfo=png_text_chunks(params, prov)))
     return Reproduction(prov.get("index"), c["seed"], diff_max, diff_mean, engine.device, engine.dtype)

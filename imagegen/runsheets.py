@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from imagegen.errors import InputError
 from imagegen.picks import parse_pick_args, read_picks, write_picks
 from imagegen.sheet import SheetItem, write_index_html, write_sheets
 from imagegen.store import RunStore, image_name, thumb_name
@@ -48,18 +49,23 @@ def job_indices(store: RunStore) -> tuple[set[int], dict[str, int]]:
 
 def update_picks(store: RunStore, args: Sequence[str] = (), *, from_file: Path | None = None, remove: bool = False,
                  clear: bool = False) -> list[int]:
-    """Add (or remove) picks, write picks.txt atomically and mirror it into the manifest.
+    """Change the picks, write picks.txt atomically and mirror it into the manifest.
 
-    Raises InputError (nothing written) for an index or id that is not in the run."""
+    `args` are added (or removed with `remove`); `from_file` (a list exported from index.html)
+    *replaces* the picks, since it holds the whole set chosen in the browser; `clear` empties
+    first. Raises InputError (nothing written) for an index or id that is not in the run, or a
+    `from_file` that is not a readable file."""
     valid, ids = job_indices(store)
     chosen = parse_pick_args(list(args), valid, ids=ids) if args else []
     if from_file is not None:
+        if not Path(from_file).is_file():
+            raise InputError(f"pick --from: {from_file} is not a file")
         extra = read_picks(from_file, ids=ids)
         bad = sorted(set(extra) - valid)
         if bad:
             parse_pick_args([str(bad[0])], valid)  # raises the standard message
         chosen = sorted(set(chosen) | set(extra))
-    current = set() if clear else set(read_picks(store.picks_file, ids=ids))
+    current = set() if clear or from_file is not None else set(read_picks(store.picks_file, ids=ids))
     new = current - set(chosen) if remove else current | set(chosen)
     write_picks(store.picks_file, sorted(new), header=PICKS_HEADER)
     store.set_picks(sorted(new))
@@ -77,3 +83,34 @@ def list_picks(store: RunStore) -> list[tuple[int, str, Path | None]]:
         else:
             out.append((i, row.id, store.folder / row.file if row.status == "done" and row.file else None))
     return out
+
+
+def remap_picks(store: RunStore, old_ids: dict[int, str]) -> tuple[int, list[str]]:
+    """After a recipe edit moved job indices: make picks.txt name the same jobs again.
+
+    `old_ids` maps the indices picks.txt was written against to job ids. Picks of jobs no
+    longer in the recipe are dropped from the list and kept as comments. Returns (picks moved,
+    orphaned picks). A picks.txt with errors is left alone (the next `pick` reports them)."""
+    try:
+        picks = read_picks(store.picks_file)
+    except InputError:
+        return 0, []
+    if not picks:
+        return 0, []
+    new_index = {r.id: r.index for r in store.rows()}
+    kept: list[int] = []
+    orphaned: list[str] = []
+    for i in picks:
+        job_id = old_ids.get(i)
+        if job_id is None:
+            kept.append(i)
+        elif job_id in new_index:
+            kept.append(new_index[job_id])
+        else:
+            orphaned.append(f"{i} (job {job_id})")
+    moved = sum(1 for i in picks if old_ids.get(i) in new_index and new_index[old_ids[i]] != i)
+    if moved or orphaned:
+        notes = [f"dropped pick {o}: no longer in the recipe" for o in orphaned]
+        write_picks(store.picks_file, kept, header="\n".join([PICKS_HEADER, *notes]))
+        store.set_picks(sorted(set(kept)))
+    return moved, orphaned

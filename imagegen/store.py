@@ -69,6 +69,35 @@ class DiskFullError(ImagegenError):
     """The disk filled up while writing; what was finished is kept."""
 
 
+def _disk_full(exc: BaseException) -> bool:
+    return "full" in str(exc).lower() or getattr(exc, "sqlite_errorcode", None) == 13  # SQLITE_FULL
+
+
+class _Transaction:
+    def __init__(self, conn: sqlite3.Connection, folder: Path) -> None:
+        self.conn = conn
+        self.folder = folder
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            try:
+                self.conn.execute("COMMIT")
+                return False
+            except sqlite3.OperationalError as commit_exc:
+                exc = commit_exc
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.OperationalError) and _disk_full(exc):
+            raise DiskFullError(f"{self.folder / MANIFEST}: disk full; free some space and run the same command again") from None
+        if exc_type is None:
+            raise exc
+        return False
+
+
 def image_name(index: int, job_id: str) -> str:
     return f"{index:04d}-{job_id}.png"
 
@@ -122,27 +151,55 @@ class RunStore:
     def open(cls, folder: str | Path, *, wait: bool = False, create: bool = True, lock: bool = True) -> "RunStore":
         """Open (and by default create and lock) a run folder.
 
-        Raises RunLockedError when another process renders into it (unless `wait`), InputError
-        when `create` is False and the folder is not a run folder."""
+        Only the lock holder (a render) creates or upgrades the manifest; an unlocked open (status,
+        sheet, pick) needs an existing, current one. Raises RunLockedError when another process
+        renders into it (unless `wait`), InputError when the folder cannot be created, is not a
+        run folder, or its manifest is unreadable."""
         folder = Path(folder)
-        if not create and not (folder / MANIFEST).exists():
+        if not create and not (folder / MANIFEST).is_file():
             raise InputError(f"{folder}: not a run folder (no {MANIFEST}); render a recipe into it first")
-        for sub in ("", "images", "thumbs", "sheets"):
-            if create:
-                (folder / sub).mkdir(parents=True, exist_ok=True)
+        if create:
+            try:
+                for sub in ("", "images", "thumbs", "sheets"):
+                    (folder / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"{folder}: cannot create the run folder: {exc.strerror or exc}") from None
         lock_fd = cls._lock(folder, wait) if lock else None
         try:
             conn = sqlite3.connect(folder / MANIFEST, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.row_factory = sqlite3.Row
-            store = cls(folder, conn, lock_fd)
-            store._migrate()
+            try:
+                conn.row_factory = sqlite3.Row
+                store = cls(folder, conn, lock_fd)
+                if lock:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                    store._migrate()
+                else:
+                    store._check_schema()
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                if _disk_full(exc):
+                    raise DiskFullError(f"{folder / MANIFEST}: disk full; free some space and run the same command again") from None
+                raise InputError(f"{folder / MANIFEST}: not a readable imagegen manifest ({exc})") from None
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
         return store
+
+    def _check_schema(self) -> None:
+        try:
+            done = {row[0] for row in self._conn.execute("SELECT name FROM _migrations")}
+        except sqlite3.OperationalError:
+            done = set()
+        missing = [name for name, _ in MIGRATIONS if name not in done]
+        if missing:
+            raise InputError(f"{self.folder / MANIFEST}: manifest is missing schema steps {', '.join(missing)}; "
+                             "run `imagegen render` on this folder once to bring it up to date")
+
+    def _transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT; rolls back on error (when SQLite has not already)."""
+        return _Transaction(self._conn, self.folder)
 
     @staticmethod
     def _lock(folder: Path, wait: bool) -> int:
@@ -177,15 +234,10 @@ class RunStore:
         for number, (name, sql) in enumerate(MIGRATIONS, 1):
             if name in done:
                 continue
-            c.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 for statement in filter(str.strip, sql.split(";")):
                     c.execute(statement)
                 c.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, ?)", (number, name, time.time()))
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
 
     def close(self) -> None:
         try:
@@ -222,7 +274,7 @@ class RunStore:
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+        self._write("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
     # --- jobs ----------------------------------------------------------------------------------
 
@@ -230,8 +282,7 @@ class RunStore:
         """Record the current plan: new jobs become pending, known ones take their new index,
         jobs no longer planned are marked orphaned (kept, never deleted)."""
         c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             before = {row[0] for row in c.execute("SELECT id FROM jobs")}
             c.execute("UPDATE jobs SET in_plan = 0")
             c.executemany(
@@ -240,10 +291,6 @@ class RunStore:
                 [(j["id"], j["index"], json.dumps(j, ensure_ascii=False)) for j in jobs],
             )
             orphaned = c.execute("SELECT COUNT(*) FROM jobs WHERE in_plan = 0").fetchone()[0]
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
         ids = {j["id"] for j in jobs}
         return {"new": len(ids - before), "kept": len(ids & before), "orphaned": orphaned}
 
@@ -265,36 +312,37 @@ class RunStore:
                 report.untracked.append(p.name)
         rows = {r.id: r for r in self.rows(include_orphans=True)}
         c = self._conn
-        for job_id, path in on_disk.items():
-            row = rows.get(job_id)
-            if row is None:
-                report.untracked.append(path.name)
-                continue
-            target = self.images / image_name(row.index, job_id) if row.in_plan else path
-            if row.status != "done":
-                if verify is not None and not verify(path, job_id):
+        with self._transaction():
+            for job_id, path in on_disk.items():
+                row = rows.get(job_id)
+                if row is None:
                     report.untracked.append(path.name)
                     continue
-                sha = hashlib.sha256(path.read_bytes()).hexdigest()
-                c.execute("UPDATE jobs SET status = 'done', sha256 = ?, error = NULL, finished_at = ? WHERE id = ?",
-                          (sha, path.stat().st_mtime, job_id))
-                report.adopted += 1
-            if path != target:
-                os.replace(path, target)
-                old_thumb = self.thumbs / (path.stem + ".jpg")
-                if old_thumb.exists():
-                    os.replace(old_thumb, self.thumbs / thumb_name(row.index, job_id))
-                report.renamed += 1
-                path = target
-            thumb = self.thumbs / (path.stem + ".jpg")
-            if not thumb.exists():  # killed between the image and its thumbnail
-                report.missing_thumbs.append((job_id, path, thumb))
-            c.execute("UPDATE jobs SET file = ?, thumb = ? WHERE id = ?",
-                      (str(path.relative_to(self.folder)), str(thumb.relative_to(self.folder)), job_id))
-        for row in rows.values():
-            if row.status == "done" and row.id not in on_disk:
-                c.execute("UPDATE jobs SET status = 'pending', file = NULL, sha256 = NULL, thumb = NULL WHERE id = ?", (row.id,))
-                report.reset_missing += 1
+                target = self.images / image_name(row.index, job_id) if row.in_plan else path
+                if row.status != "done":
+                    if verify is not None and not verify(path, job_id):
+                        report.untracked.append(path.name)
+                        continue
+                    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                    c.execute("UPDATE jobs SET status = 'done', sha256 = ?, error = NULL, finished_at = ? WHERE id = ?",
+                              (sha, path.stat().st_mtime, job_id))
+                    report.adopted += 1
+                if path != target:
+                    os.replace(path, target)
+                    old_thumb = self.thumbs / (path.stem + ".jpg")
+                    if old_thumb.exists():
+                        os.replace(old_thumb, self.thumbs / thumb_name(row.index, job_id))
+                    report.renamed += 1
+                    path = target
+                thumb = self.thumbs / (path.stem + ".jpg")
+                if not thumb.exists():  # killed between the image and its thumbnail
+                    report.missing_thumbs.append((job_id, path, thumb))
+                c.execute("UPDATE jobs SET file = ?, thumb = ? WHERE id = ?",
+                          (str(path.relative_to(self.folder)), str(thumb.relative_to(self.folder)), job_id))
+            for row in rows.values():
+                if row.status == "done" and row.id not in on_disk:
+                    c.execute("UPDATE jobs SET status = 'pending', file = NULL, sha256 = NULL, thumb = NULL WHERE id = ?", (row.id,))
+                    report.reset_missing += 1
         if report.renamed:
             fsync_dir(self.images)
         return report
@@ -324,17 +372,27 @@ class RunStore:
         return [r[0] for r in self._conn.execute(f"SELECT id FROM jobs WHERE in_plan = 1 AND status IN ({marks}) ORDER BY idx", states)]
 
     def mark_done(self, job_id: str, *, file: Path, sha256: str, thumb: Path | None, seconds: float) -> None:
-        self._conn.execute(
+        self._write(
             "UPDATE jobs SET status = 'done', file = ?, sha256 = ?, thumb = ?, seconds = ?, finished_at = ?, error = NULL, "
             "attempts = attempts + 1 WHERE id = ?",
             (str(file.relative_to(self.folder)), sha256, str(thumb.relative_to(self.folder)) if thumb else None, seconds, time.time(), job_id),
         )
 
     def mark_failed(self, job_id: str, error: str, seconds: float | None = None) -> None:
-        self._conn.execute(
+        self._write(
             "UPDATE jobs SET status = 'failed', error = ?, seconds = ?, finished_at = ?, attempts = attempts + 1 WHERE id = ?",
             (error[:2000], seconds, time.time(), job_id),
         )
+
+    def _write(self, sql: str, args: tuple) -> None:
+        """One autocommitted write; a full disk becomes DiskFullError."""
+        try:
+            self._conn.execute(sql, args)
+        except sqlite3.OperationalError as exc:
+            if _disk_full(exc):
+                raise DiskFullError(f"{self.folder / MANIFEST}: disk full; finished images are kept, "
+                                    "free some space and run the same command again") from None
+            raise
 
     def counts(self) -> dict[str, int]:
         out = {"done": 0, "pending": 0, "failed": 0, "orphaned": 0, "total": 0}
@@ -351,11 +409,11 @@ class RunStore:
         out: dict = self.counts()
         out["folder"] = str(self.folder)
         out["recipe"] = self.get_meta("recipe_name")
+        # Render rate from the images this folder actually rendered (adopted files have no
+        # timing): recent per-image render seconds, so pauses between runs do not count.
         recent = [r[0] for r in self._conn.execute(
-            "SELECT finished_at FROM jobs WHERE status = 'done' AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 200")]
-        rate = None
-        if len(recent) >= 2 and recent[0] > recent[-1]:
-            rate = (len(recent) - 1) / (recent[0] - recent[-1])
+            "SELECT seconds FROM jobs WHERE status = 'done' AND seconds > 0 ORDER BY finished_at DESC LIMIT 200")]
+        rate = len(recent) / sum(recent) if recent else None
         out["rate"] = rate
         out["eta_seconds"] = out["pending"] / rate if rate and out["pending"] else (0.0 if not out["pending"] else None)
         row = self._conn.execute(
@@ -370,14 +428,9 @@ class RunStore:
         """Mirror the pick list into the manifest (picks.txt stays the source of truth)."""
         ids = {r.index: r.id for r in self.rows()}
         c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             c.execute("DELETE FROM picks")
             c.executemany("INSERT INTO picks (idx, id, added_at) VALUES (?, ?, ?)", [(i, ids.get(i), time.time()) for i in indices])
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
 
     # --- events -------------------------------------------------------------------------------
 

@@ -216,3 +216,33 @@ seeds: 2
     assert [tuple((lu.name, lu.weight) for lu in j.loras) for j in jobs[6:8]] == [(("a", 0.5), ("b", 0.8), ("cee", 0.3))] * 2
     bad = write(tmp_path, MINIMAL + "lora_sets:\n  s:\n    - {path: b.safetensors, weight: [1, 2]}\n", "bad.yaml")
     assert "allowed in `loras`, not inside `lora_sets`" in problems(bad, check_files=False)[0]
+
+
+def test_huge_seed_ranges_are_refused_before_any_list_is_built(tmp_path):
+    found = problems(write(tmp_path, MINIMAL + 'seeds: "0-4294967295"\n'))
+    assert found == [f"{tmp_path / 'r.yaml'}:5:8: `seeds` gives 4294967296 seeds, more than `max_jobs: 5000` allows on its own"]
+    assert "more than `max_jobs: 5000`" in problems(write(tmp_path, MINIMAL + "seeds: 300000000\n"))[0]
+
+
+def test_negative_prompt_is_literal_and_variant_syntax_there_is_an_error(tmp_path):
+    assert "only expanded in prompts" in problems(write(tmp_path, MINIMAL + 'negative: "{ugly|bad}"\n'))[0]
+    assert load_recipe(write(tmp_path, MINIMAL + 'negative: "blurry, (worst quality)"\n')).negative == "blurry, (worst quality)"
+
+
+def test_identical_lora_sets_are_refused(tmp_path):
+    found = problems(write(tmp_path, MINIMAL + "seeds: 2\nlora_sets:\n  plain:\n  none:\n"))
+    assert found == [f"{tmp_path / 'r.yaml'}:8:3: LoRA sets `plain` and `none` give the same LoRA stack, so their jobs would be identical; remove one"]
+
+
+def test_backslash_escapes_in_double_quotes_get_a_hint(tmp_path):
+    found = problems(write(tmp_path, MINIMAL.replace("prompt: a cat", 'prompt: "a \\\\{b\\\\} c"'.replace("\\\\", "\\"))))
+    assert "YAML syntax error" in found[0] and "use single quotes" in found[0]
+    assert [p.text for p in load_recipe(write(tmp_path, MINIMAL.replace("prompt: a cat", r"prompt: 'a \{b\} c'"))).prompts] == ["a {b} c"]
+
+
+def test_plan_reads_the_family_of_an_existing_file_like_validate(tmp_path):
+    from engine_fixtures import fake_checkpoint_shapes, write_fake_safetensors
+
+    write_fake_safetensors(tmp_path / "m.safetensors", fake_checkpoint_shapes("sd15"))
+    path = write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "m.safetensors"))
+    assert load_recipe(path).sizes == load_recipe(path, check_files=False).sizes == ((512, 512),)

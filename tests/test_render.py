@@ -387,3 +387,48 @@ def test_thumbnail_lost_in_a_crash_is_rebuilt(tmp_path):
     assert run_app(["render", str(path), "--no-sheet"]) == 0
     with Image.open(thumb) as im:
         assert max(im.size) == 256
+
+
+def test_corrupt_manifest_and_unusable_output_are_clean_errors(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.sqlite").write_bytes(b"this is not sqlite" * 100)
+    for argv in (["status", str(bad)], ["sheet", str(bad)], ["picks", str(bad)]):
+        assert run_app(argv) == 2
+        assert "not a readable imagegen manifest" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.sqlite").write_bytes(b"")
+    assert run_app(["status", str(empty)]) == 2  # a read-only command never creates a schema
+    assert "run `imagegen render`" in capsys.readouterr().err
+    assert (empty / "manifest.sqlite").stat().st_size == 0
+    path = write_recipe(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert run_app(["render", str(path), "--output", str(afile)]) == 2
+    assert "cannot create the run folder" in capsys.readouterr().err
+    assert run_app(["render", str(path), "--dtype", "int8"]) == 2
+    assert "`dtype`" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_an_unloadable_model_does_not_stop_the_queue(tmp_path, capsys):
+    from engine_fixtures import fake_checkpoint_shapes, write_fake_safetensors
+
+    a = tmp_path / "a"
+    a.mkdir()
+    write_fake_safetensors(a / "m.safetensors", fake_checkpoint_shapes("sd15"))  # right keys, no weights
+    broken = write_recipe(a, text=RECIPE.replace("builtin:{model}", "m.safetensors"))
+    b = tmp_path / "b"
+    b.mkdir()
+    good = write_recipe(b)
+    assert run_app(["render", str(broken), str(good), "--no-sheet"]) == 2
+    assert "m.safetensors" in capsys.readouterr().err
+    assert len(list((b / "run" / "images").glob("*.png"))) == 6
+
+
+def test_resume_command_keeps_the_options(tmp_path, capsys):
+    from imagegen.cli.render import _resume_options
+
+    opts = _resume_options(device="cpu", dtype=None, batch_size=2, retry_failed=False, wait=True, fail_fast=False,
+                           as_json=True, output=tmp_path / "o", no_sheet=True, allow_download=False)
+    assert opts == ["--device", "cpu", "--batch-size", "2", "--wait", "--json", "--output", str(tmp_path / "o"), "--no-sheet"]

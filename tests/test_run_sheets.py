@@ -66,17 +66,22 @@ def test_pick_add_remove_clear_from_and_errors(run, tmp_path, capsys):
     assert "21 is not a job index; this run has 1-20" in capsys.readouterr().err
     assert (run / "picks.txt").read_text() == before  # nothing written
     exported = tmp_path / "downloaded.txt"
-    exported.write_text("# from the browser\n1\n2 # nice\n")
+    exported.write_text("# from the browser: the whole set chosen there\n1\n2 # nice\n3\n")
     assert run_app(["pick", str(run), "--from", str(exported)]) == 0
-    assert read_picks(run / "picks.txt") == [1, 2, 3, 5, 12]
+    assert read_picks(run / "picks.txt") == [1, 2, 3]  # replaced, so un-picks in the browser count
     capsys.readouterr()
     assert run_app(["picks", str(run)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 5 and lines[0].split()[0] == "1" and lines[0].endswith(".png")
+    assert len(lines) == 3 and lines[0].split()[0] == "1" and lines[0].endswith(".png")
     import sqlite3
 
     with sqlite3.connect(run / "manifest.sqlite") as db:
-        assert [r[0] for r in db.execute("SELECT idx FROM picks ORDER BY idx")] == [1, 2, 3, 5, 12]
+        assert [r[0] for r in db.execute("SELECT idx FROM picks ORDER BY idx")] == [1, 2, 3]
+    for bad in (tmp_path / "missing.txt", tmp_path):
+        capsys.readouterr()
+        assert run_app(["pick", str(run), "--from", str(bad)]) == 2
+        assert "is not a file" in capsys.readouterr().err
+    assert read_picks(run / "picks.txt") == [1, 2, 3]
     assert run_app(["pick", str(run), "--clear"]) == 0
     assert read_picks(run / "picks.txt") == []
 
@@ -98,3 +103,28 @@ def test_picks_show_in_sheet_items(run):
 def test_sheet_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert run_app(["sheet", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_picks_follow_their_jobs_when_a_recipe_edit_moves_indices(run, tmp_path, capsys):
+    from imagegen.store import RunStore
+
+    store = RunStore.open(run, create=False, lock=False)
+    try:
+        ids = {r.index: r.id for r in store.rows()}
+    finally:
+        store.close()
+    assert run_app(["pick", str(run), "1", "2", "12"]) == 0
+    recipe = tmp_path / "r.yaml"
+    # a new first prompt variant shifts every index; seed 0 of "red" disappears
+    recipe.write_text(recipe.read_text().replace('"a {red|blue} cup"', '"a {green|red|blue} cup"').replace("seeds: 5", "seeds: [1, 2, 3, 4]"))
+    capsys.readouterr()
+    assert run_app(["render", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "picks.txt follows 2 picked jobs" in err and f"1 (job {ids[1]})" in err
+    store = RunStore.open(run, create=False, lock=False)
+    try:
+        new_index = {r.id: r.index for r in store.rows()}
+    finally:
+        store.close()
+    assert read_picks(run / "picks.txt") == sorted([new_index[ids[2]], new_index[ids[12]]])
+    assert f"dropped pick 1 (job {ids[1]})" in (run / "picks.txt").read_text()

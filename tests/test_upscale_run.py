@@ -67,3 +67,21 @@ def test_upscale_run_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert "no upscale model" in capsys.readouterr().err
     assert run_app(["upscale", str(run), "--model", str(tmp_path / "x4.pth")]) == 2
     assert "no target size" in capsys.readouterr().err
+
+
+def test_reproduce_refuses_upscaled_and_bad_paths(tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path, monkeypatch, "upscale: {model: x4.pth, scale: 2, format: png}\n")
+    assert run_app(["pick", str(run), "1"]) == 0
+    assert run_app(["upscale", str(run)]) == 0
+    [big] = (run / "upscaled").glob("*.png")
+    capsys.readouterr()
+    assert run_app(["reproduce", str(big)]) == 2
+    assert "an upscaled image; reproduce its source render instead (0001-" in capsys.readouterr().err
+    assert run_app(["reproduce", str(tmp_path / "nope.png")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    src = sorted((run / "images").glob("*.png"))[0]
+    assert run_app(["reproduce", str(src), "--out", str(tmp_path / "noext")]) == 2
+    assert run_app(["reproduce", str(src), "--out", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert run_app(["upscale", str(run), "--out", str(src)]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 import typer
 
 from imagegen.cli.app import app, err
-from imagegen.errors import ImagegenError, InputError, RecipeError
+from imagegen.errors import ImagegenError, InputError, RunLockedError
 
 EXIT_FAILED_JOBS = 1
 EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
@@ -73,7 +73,16 @@ class Reporter:
             if event["reset_missing"]:
                 extra.append(f"{event['reset_missing']} missing images queued again")
             if event["orphaned"]:
-                extra.append(f"{event['orphaned']} images no longer in the recipe kept (see `imagegen status`)")
+                extra.append(f"{event['orphaned']} jobs no longer in the recipe, their images kept (see `imagegen status`)")
+            if event["renamed"]:
+                extra.append(f"{event['renamed']} kept images renamed to their new index")
+            if event["picks_moved"]:
+                extra.append(f"picks.txt follows {event['picks_moved']} picked jobs to their new index")
+            if event["picks_orphaned"]:
+                extra.append(f"picks of jobs no longer in the recipe dropped: {', '.join(event['picks_orphaned'])}")
+            if event["untracked"]:
+                shown = ", ".join(event["untracked"][:3]) + (" ..." if len(event["untracked"]) > 3 else "")
+                extra.append(f"{len(event['untracked'])} files in images/ are not this run's and were left alone ({shown})")
             self.line(f"{event['recipe']}: {event['planned']} jobs, {event['done']} done, {self.total} to render"
                       + (f"; {'; '.join(extra)}" if extra else ""))
         elif kind == "loaded":
@@ -190,46 +199,34 @@ def render(
 ) -> None:
     """Render recipes into their run folders; resumable, one GPU run per folder at a time."""
     from imagegen.recipe import load_recipe
-    from imagegen.render import RenderOptions, render_recipe
-    from imagegen.store import DiskFullError, RunStore
+    from imagegen.render import RenderOptions
 
     if output is not None and len(recipes) > 1:
         raise InputError("`--output` takes one recipe; each recipe has its own `output:`")
-    resume_cmd = "imagegen " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("imagegen") else \
-        "imagegen render " + shlex.join(str(r) for r in recipes)
+    _check_device_dtype(device, dtype)
+    resume_cmd = "imagegen " + shlex.join(["render", *map(str, recipes), *_resume_options(
+        device=device, dtype=dtype, batch_size=batch_size, retry_failed=retry_failed, wait=wait, fail_fast=fail_fast,
+        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download)])
     invalid = 0
     failed_jobs = 0
     with StopFlag() as stop:
         for path in recipes:
             try:
                 recipe = load_recipe(path, allow_download=allow_download)
-            except RecipeError as exc:
+                folder = output or recipe.output
+                if dry_run:
+                    _dry_run(recipe, folder, limit, retry_failed)
+                    continue
+                summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet,
+                                      options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
+                                                            batch_size=batch_size, allow_download=allow_download))
+            except (InputError, RunLockedError) as exc:
+                # One bad recipe, model or busy folder does not stop the overnight queue.
                 err(exc.message)
                 invalid += 1
                 if fail_fast:
                     raise typer.Exit(2)
                 continue
-            folder = output or recipe.output
-            if dry_run:
-                _dry_run(recipe, folder, limit, retry_failed)
-                continue
-            reporter = Reporter.choose(as_json)
-            store = RunStore.open(folder, wait=wait)
-            try:
-                refresh = None if no_sheet else (lambda: _sheets_quietly(store))
-                summary = render_recipe(
-                    recipe, store, on_event=reporter, should_stop=stop, on_refresh=refresh,
-                    options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
-                                          batch_size=batch_size, allow_download=allow_download),
-                )
-                if not no_sheet and (summary.rendered or not (store.sheets / "index.html").exists()):
-                    _sheets_quietly(store)
-            except DiskFullError:
-                reporter.stop()
-                raise
-            finally:
-                reporter.stop()
-                store.close()
             failed_jobs += summary.failed
             if summary.interrupted:
                 err(f"imagegen: stopped by {summary.interrupted}; to resume: {resume_cmd}")
@@ -239,6 +236,52 @@ def render(
     if failed_jobs:
         err(f"imagegen: {failed_jobs} jobs failed; `imagegen status` shows them, `--retry-failed` renders them again")
         raise typer.Exit(EXIT_FAILED_JOBS)
+
+
+def _render_one(recipe: Any, folder: Path, stop: "StopFlag", *, as_json: bool, wait: bool, no_sheet: bool, options: Any) -> Any:
+    """Render one recipe into its locked run folder, then refresh its contact sheets."""
+    import errno
+
+    from imagegen.render import render_recipe
+    from imagegen.store import DiskFullError, RunStore
+
+    reporter = Reporter.choose(as_json)
+    store = RunStore.open(folder, wait=wait)
+    try:
+        refresh = None if no_sheet else (lambda: _sheets_quietly(store))
+        summary = render_recipe(recipe, store, on_event=reporter, should_stop=stop, on_refresh=refresh, options=options)
+        if not no_sheet:
+            _sheets_quietly(store)  # always: a recipe edit renames and orphans images even when nothing renders
+        return summary
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"{folder}: disk full ({exc.filename or 'writing'}); finished images are kept, "
+                                "free some space and run the same command again") from None
+        raise
+    finally:
+        reporter.stop()
+        store.close()
+
+
+def _resume_options(**opts: Any) -> list[str]:
+    """The render options as typed again (no --limit / --dry-run: resuming means finishing)."""
+    out: list[str] = []
+    for name, value in opts.items():
+        flag = "--" + {"as_json": "json"}.get(name, name).replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value not in (None, False):
+            out += [flag, str(value)]
+    return out
+
+
+def _check_device_dtype(device: str | None, dtype: str | None) -> None:
+    """Bad --device/--dtype values fail before any run folder is touched (the engine's own checks)."""
+    if device is None and dtype is None:
+        return
+    from imagegen.engine.loading import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))
 
 
 def _sheets_quietly(store: Any) -> None:

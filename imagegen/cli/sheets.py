@@ -42,11 +42,11 @@ def sheet(
 def pick(
     run: Path = typer.Argument(..., metavar="RUN", help="Run folder.", show_default=False),
     items: Optional[List[str]] = typer.Argument(None, metavar="INDEX...", help="Job indices (12), ranges (203-210) or job ids."),
-    from_file: Optional[Path] = typer.Option(None, "--from", help="Add the picks listed in this file (e.g. downloaded from index.html)."),
+    from_file: Optional[Path] = typer.Option(None, "--from", help="Replace the picks with those in this file (e.g. picks.txt downloaded from index.html)."),
     remove: bool = typer.Option(False, "--remove", help="Remove these picks instead of adding them."),
     clear: bool = typer.Option(False, "--clear", help="Start from an empty pick list."),
 ) -> None:
-    """Add picks to the run's picks.txt (or remove them); the upscale step reads it."""
+    """Add picks to the run's picks.txt, remove them, or replace them from a file; the upscale step reads it."""
     from imagegen.errors import InputError
     from imagegen.picks import format_ranges
     from imagegen.runsheets import update_picks

@@ -193,7 +193,11 @@ def upscale(
         images, out = files, out or run / "upscaled"
         fmt = fmt or settings.get("format") or DEFAULT_FORMAT
         tile = tile if tile is not None else settings.get("tile")
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"`--out` {out}: cannot create the folder: {exc.strerror or exc}") from None
     dirs = [p for p in images if p.is_dir()]
     if dirs:
         raise InputError(f"`IMAGE` {dirs[0]} is a folder but not a run folder; give a run folder or image files")

@@ -102,7 +102,7 @@ def _load_vae(vae: str, family: str, torch_dtype: Any, config_dir: Path):
             )
     except ModelError:
         raise
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
+    except Exception as e:  # diffusers' own error classes included
         raise ModelError(f"VAE {p}: cannot load as a {family} VAE: {_one_line(e)}") from None
     raise ModelError(f"VAE {p}: file not found")
 
@@ -197,7 +197,7 @@ def open_engine(
             pipe, fam = _load_pipeline(kind, ref, fam, dev, torch_dtype, cfg_dir, vae_obj)
         except ModelError:
             raise
-        except (ValueError, KeyError, RuntimeError, OSError, TypeError) as e:
+        except Exception as e:  # diffusers raises its own classes too (SingleFileComponentError, ...)
             raise ModelError(f"{ref}: cannot load as {fam or 'a model'}: {_one_line(e)}") from None
     if family != "auto" and family != fam:
         raise ModelError(f"{ref}: `family` is {family!r} but the model is {fam}")
