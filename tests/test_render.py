@@ -432,3 +432,43 @@ def test_resume_command_keeps_the_options(tmp_path, capsys):
     opts = _resume_options(device="cpu", dtype=None, batch_size=2, retry_failed=False, wait=True, fail_fast=False,
                            as_json=True, output=tmp_path / "o", no_sheet=True, allow_download=False)
     assert opts == ["--device", "cpu", "--batch-size", "2", "--wait", "--json", "--output", str(tmp_path / "o"), "--no-sheet"]
+
+
+def test_manifest_disk_full_stops_cleanly_and_the_images_are_adopted(tmp_path):
+    """SQLite's log can fill the disk before any PNG does: same clean stop, same resume."""
+    import sqlite3 as sq
+
+    from imagegen.store import DiskFullError
+
+    class FullAfter:
+        def __init__(self, conn, ok_updates):
+            self.conn, self.left = conn, ok_updates
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+        def execute(self, sql, *args):
+            if sql.startswith("UPDATE jobs SET status = 'done'"):
+                if self.left == 0:
+                    raise sq.OperationalError("database or disk is full")
+                self.left -= 1
+            return self.conn.execute(sql, *args)
+
+    recipe = load_recipe(write_recipe(tmp_path))
+    store = RunStore.open(tmp_path / "run")
+    store._conn = FullAfter(store._conn, ok_updates=2)
+    try:
+        with pytest.raises(DiskFullError, match="run the same command again"):
+            render_recipe(recipe, store, options=RenderOptions(batch_size=2))
+    finally:
+        store._conn = store._conn.conn
+        store.close()
+    assert not list((tmp_path / "run").rglob(".tmp-*"))
+    events = []
+    store = RunStore.open(tmp_path / "run")
+    try:
+        s = render_recipe(recipe, store, on_event=events.append)
+        assert store.counts()["done"] == 6
+    finally:
+        store.close()
+    assert events[0]["adopted"] >= 1 and s.rendered + events[0]["adopted"] + 2 == 6
