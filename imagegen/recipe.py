@@ -19,6 +19,7 @@ import yaml
 from imagegen import prompts as P
 from imagegen.errors import RecipeError
 from imagegen.samplers import lookup_sampler, sampler_names
+from imagegen.upscale.plan import MAX_SIDE as UPSCALE_MAX_SIDE
 
 # --- defaults: one place, one comment each --------------------------------------------------
 DEFAULTS: dict[str, Any] = {
@@ -659,8 +660,8 @@ def _upscale(doc: _Doc, data: dict, base: Path) -> UpscaleSettings:
     sides = {}
     for k in ("width", "height"):
         v = raw.get(k)
-        if v is not None and (not _is_int(v) or not 16 <= v <= 65000):
-            doc.problem(p + (k,), f"`upscale.{k}` must be a whole number of pixels from 16 to 65000, got {_show(v)}")
+        if v is not None and (not _is_int(v) or not 16 <= v <= UPSCALE_MAX_SIDE):
+            doc.problem(p + (k,), f"`upscale.{k}` must be a whole number of pixels from 16 to {UPSCALE_MAX_SIDE}, got {_show(v)}")
             v = None
         sides[k] = v
     fmt = raw.get("format", DEFAULTS["upscale_format"])

@@ -17,7 +17,7 @@ from imagegen.errors import InputError
 # (1.25 = at most ~1.56x the target's pixels computed by the biggest pass).
 OVERSHOOT_LIMIT = 1.25
 # Outputs above this many pixels per side are refused (TIFF/PNG could go further; no client needs it).
-MAX_SIDE = 100_000
+MAX_SIDE = 65_000  # longest output side; recipes share this limit (a 17000-px delivery is the usual case)
 
 
 @dataclass(frozen=True)
