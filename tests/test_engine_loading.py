@@ -4,7 +4,6 @@ and its refusals, missing files, and no network."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 
@@ -26,26 +25,7 @@ from imagegen.errors import InputError, ModelError
 
 torch = pytest.importorskip("torch")
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _tiny_cache(tmp_path_factory):
-    old = os.environ.get("IMAGEGEN_CACHE")
-    os.environ["IMAGEGEN_CACHE"] = str(tmp_path_factory.mktemp("imagegen-cache"))
-    yield
-    if old is None:
-        os.environ.pop("IMAGEGEN_CACHE", None)
-    else:
-        os.environ["IMAGEGEN_CACHE"] = old
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core CI box the spinning
-    OpenMP workers make these tests several times slower. Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
