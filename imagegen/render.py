@@ -226,11 +226,11 @@ def render_recipe(
         return summary
 
     # 2. Check every file before loading anything heavy, then load the model once.
-    from imagegen.engine import EngineOOM, GenRequest, check_lora, detect_family
+    from imagegen.engine import EngineOOM, GenRequest, check_lora
     from imagegen.engine import open_engine as default_open
 
-    local = recipe.checkpoint.startswith("builtin:") or Path(recipe.checkpoint).exists()
-    family = detect_family(recipe.checkpoint) if local else None  # a hub id: known once loaded
+    # The recipe read the family from the checkpoint's keys; only a hub id is known once loaded.
+    family = recipe.family if recipe.family != "auto" else None
     lora_files = sorted({lu.path for j in pending for lu in j.loras})
     for path in lora_files if family else ():
         check_lora(path, family)
