@@ -86,3 +86,13 @@ def test_cli_missing_model_and_image(tmp_path, files, capsys):
     bad.write_bytes(b"junk")
     assert run_app(["upscale", str(srcs[0]), "--model", str(bad), "--scale", "2"]) == 2
     assert "bad.pth: cannot read weight file" in capsys.readouterr().err
+
+
+def test_jpeg_too_big_for_memory_is_refused_before_model_work(files, capsys, monkeypatch):
+    import imagegen.upscale.pipeline as pipeline
+
+    model, srcs = files
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 10_000)  # 10 kB "free"
+    assert run_app(["upscale", str(srcs[0]), "--model", str(model), "--scale", "4", "--format", "jpg"]) == 2
+    assert "use tif or png, which stream" in capsys.readouterr().err
+    assert not list(srcs[0].parent.glob("*.jpg"))

@@ -72,6 +72,18 @@ def _add_alpha(strips: Iterable[np.ndarray], alpha: np.ndarray, size: tuple[int,
         y += n
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def upscale_image(
     src: Path,
     dst: Path,
@@ -121,6 +133,12 @@ def upscale_image(
     if fmt_key == "jpg" and max(plan.final_size) > JPEG_MAX_SIDE:
         raise InputError(f"`format` jpg allows at most {JPEG_MAX_SIDE} px per side; the plan makes "
                          f"{plan.final_size[0]}x{plan.final_size[1]}, use tif")
+    if fmt_key == "jpg":
+        need = plan.final_size[0] * plan.final_size[1] * 3 * 1.2  # Pillow encodes JPEG from one whole image
+        avail = available_memory()
+        if avail is not None and need > avail:
+            raise InputError(f"`format` jpg needs the whole {plan.final_size[0]}x{plan.final_size[1]} image in memory "
+                             f"(~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available); use tif or png, which stream")
     tm["read"] = time.perf_counter() - t0
 
     # 2. Tile layout per model pass, and a progress total over all passes.
