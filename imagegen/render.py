@@ -91,7 +91,7 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
     )
     return {
         "imagegen": __version__,
-        "recipe": {"name": recipe.name, "sha256": recipe.sha256, "path": str(recipe.path)} if recipe else None,
+        "recipe": {"name": recipe.name, "sha256": recipe.sha256, "path": str(recipe.path), "text": recipe.text} if recipe else None,
         "index": job.index,
         "id": job.id,
         "family": job.family,

@@ -67,6 +67,7 @@ def test_render_writes_images_thumbs_metadata_and_resumes(tmp_path, capsys, mode
     assert params["Version"].startswith("imagegen ")
     prov = read_provenance(images[4])
     assert prov["id"] == job.id and prov["index"] == 5 and prov["recipe"]["name"] == "small"
+    assert prov["recipe"]["text"] == path.read_text()  # the whole recipe travels with every image
     assert prov["content"]["seed"] == job.seed and prov["scheduler_config"]["_class_name"] == "EulerAncestralDiscreteScheduler"
     assert prov["versions"]["diffusers"] and prov["device"] == "cpu" and prov["dtype"] == "fp32"
     # the manifest agrees with the disk
