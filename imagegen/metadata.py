@@ -166,38 +166,76 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+MAX_CACHED_HASHES = 2000  # entries kept in file-hashes.json (oldest dropped first)
+
+
+def _cache_key(path: Path) -> str:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        stamp = hashlib.sha256("".join(f"{f.relative_to(path)}|{f.stat().st_size}|{f.stat().st_mtime_ns};"
+                                       for f in files).encode()).hexdigest()[:16]
+        return f"{path}|dir|{stamp}"
+    st = path.stat()
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+class _CacheFile:
+    """file-hashes.json under a lock that holds across threads and processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> dict:
+        import fcntl
+
+        _CACHE_LOCK.acquire()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:
+            self.fd = None  # a read-only cache folder only costs time
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, cache: dict) -> None:
+        if self.fd is None:
+            return
+        keep = dict(list(cache.items())[-MAX_CACHED_HASHES:])
+        try:
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(keep))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+        _CACHE_LOCK.release()
+
+
 def sha256_file(path: str | Path) -> str:
     """sha256 of a file (or, for a folder, of its files' names and hashes), cached by
     (absolute path, size, mtime) so multi-GB checkpoints are hashed once."""
     path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = _hash_cache_path()
-    with _CACHE_LOCK:
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
+    key = _cache_key(path)
+    cache_file = _CacheFile(_hash_cache_path())
+    with cache_file as cache:
         if key in cache:
             return cache[key]
     if path.is_dir():
         h = hashlib.sha256()
         for sub in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(str(sub.relative_to(path)).encode() + b"\0" + sha256_file(sub).encode())
+            h.update(str(sub.relative_to(path)).encode() + b"\0" + file_sha256(sub).encode())
         digest = h.hexdigest()
     else:
         digest = file_sha256(path)
-    with _CACHE_LOCK:
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        cache[key] = digest
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass  # a read-only cache only costs time
+    with cache_file as cache:
+        cache.pop(key, None)
+        cache[key] = digest  # newest last
+        cache_file.save(cache)
     return digest
