@@ -369,4 +369,4 @@ def _drain_quietly(inflight: deque, store: RunStore, summary: RenderSummary, emi
 def _summary_event(s: RenderSummary) -> Event:
     return {"recipe": s.recipe, "folder": s.folder, "planned": s.planned, "already_done": s.already_done, "rendered": s.rendered,
             "failed": s.failed, "left": s.left, "seconds": round(s.seconds, 2), "images_per_second": round(s.images_per_second, 3),
-            "interrupted": s.interrupted}
+            "interrupted": s.interrupted, "batch_size": s.batch_size}

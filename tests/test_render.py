@@ -247,6 +247,15 @@ def test_cuda_oom_halves_the_batch(tmp_path):
     assert s.rendered == 6 and s.failed == 0 and s.batch_size == 1
     assert [e["batch_size"] for e in events if e["event"] == "oom"] == [2, 1]
     assert holder[0].sizes[:3] == [4, 2, 1]
+    from imagegen.cli.render import Reporter
+
+    shown = []
+    reporter = Reporter("plain")
+    reporter.line = shown.append
+    for e in events:
+        reporter(e)
+    assert sum("out of memory" in line for line in shown) == 2  # said once, and in the summary
+    assert "batch size ended at 1" in shown[-1]
 
 
 def test_disk_full_stops_cleanly_and_resumes(tmp_path, monkeypatch, capsys):

@@ -113,12 +113,15 @@ class Reporter:
                 self.line(f"{self.done + self.failed}/{self.total} ({self.failed} failed), {rate:.2f} img/s, "
                           f"ETA {_fmt_eta(left / rate if rate else None)}")
         elif kind == "oom":
-            self.line(event["message"])
+            if not self.oom_said:  # said once; further halvings are in log.jsonl and the summary
+                self.oom_said = True
+                self.line(event["message"] + " (further halvings are logged quietly)")
         elif kind == "finish":
             self.stop()
             state = f"interrupted by {event['interrupted']}" if event["interrupted"] else "finished"
+            batch = f"; batch size ended at {event['batch_size']} after CUDA out of memory" if self.oom_said else ""
             self.line(f"{event['recipe']}: {state}: {event['rendered']} rendered, {event['failed']} failed, {event['left']} left, "
-                      f"{event['already_done']} were already done; {event['images_per_second']:.2f} img/s; {event['folder']}")
+                      f"{event['already_done']} were already done; {event['images_per_second']:.2f} img/s{batch}; {event['folder']}")
 
     def stop(self) -> None:
         if self.progress is not None:
