@@ -106,21 +106,40 @@ def read_picks(path: Path, *, ids: Mapping[str, int] | None = None) -> list[int]
     return sorted(picked)
 
 
-def format_picks(indices: Iterable[int], *, header: str | None = None) -> str:
-    """The text of a picks file: `# header` lines, then one index per line, sorted and unique."""
+def read_pick_notes(path: Path) -> dict[int, str]:
+    """The trailing `# comments` people wrote after single indices (`42  # best light`), so that
+    rewriting picks.txt keeps them. Lines that do not parse are skipped (read_picks reports them)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    notes: dict[int, str] = {}
+    for line in text.splitlines():
+        content, sep, comment = line.partition("#")
+        if sep and comment.strip() and content.strip().isdigit():
+            notes[int(content.strip())] = comment.strip()
+    return notes
+
+
+def format_picks(indices: Iterable[int], *, header: str | None = None, notes: Mapping[int, str] | None = None) -> str:
+    """The text of a picks file: `# header` lines, then one index per line, sorted and unique,
+    each with its note (`42  # best light`) when `notes` has one."""
     lines = []
     if header:
         lines += [f"# {h}".rstrip() if not h.startswith("#") else h for h in header.splitlines()]
-    lines += [str(index) for index in sorted(set(indices))]
+    notes = notes or {}
+    lines += [f"{index}  # {notes[index]}" if notes.get(index) else str(index) for index in sorted(set(indices))]
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def write_picks(path: Path, indices: Iterable[int], *, header: str | None = None) -> None:
-    """Write `indices` (sorted, unique, one per line) to `path` atomically, after `header` comments.
+def write_picks(path: Path, indices: Iterable[int], *, header: str | None = None,
+                notes: Mapping[int, str] | None = None) -> None:
+    """Write `indices` (sorted, unique, one per line, with their `notes`) to `path` atomically,
+    after `header` comments.
 
     Raises ValueError for a negative index and OSError if the file cannot be written.
     """
     indices = sorted(set(indices))
     if indices and indices[0] < 0:
         raise ValueError(f"job indices are never negative, got {indices[0]}")
-    write_bytes_atomic(Path(path), format_picks(indices, header=header).encode("utf-8"))
+    write_bytes_atomic(Path(path), format_picks(indices, header=header, notes=notes).encode("utf-8"))

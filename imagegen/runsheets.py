@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from imagegen.errors import InputError
-from imagegen.picks import parse_pick_args, read_picks, write_picks
+from imagegen.picks import parse_pick_args, read_pick_notes, read_picks, write_picks
 from imagegen.sheet import SheetItem, write_index_html, write_sheets
 from imagegen.store import RunStore, image_name, thumb_name
 
@@ -67,7 +67,8 @@ def update_picks(store: RunStore, args: Sequence[str] = (), *, from_file: Path |
         chosen = sorted(set(chosen) | set(extra))
     current = set() if clear or from_file is not None else set(read_picks(store.picks_file, ids=ids))
     new = current - set(chosen) if remove else current | set(chosen)
-    write_picks(store.picks_file, sorted(new), header=PICKS_HEADER)
+    notes = {**read_pick_notes(store.picks_file), **(read_pick_notes(from_file) if from_file is not None else {})}
+    write_picks(store.picks_file, sorted(new), header=PICKS_HEADER, notes=notes)
     store.set_picks(sorted(new))
     return sorted(new)
 
@@ -110,7 +111,9 @@ def remap_picks(store: RunStore, old_ids: dict[int, str]) -> tuple[int, list[str
             orphaned.append(f"{i} (job {job_id})")
     moved = sum(1 for i in picks if old_ids.get(i) in new_index and new_index[old_ids[i]] != i)
     if moved or orphaned:
-        notes = [f"dropped pick {o}: no longer in the recipe" for o in orphaned]
-        write_picks(store.picks_file, kept, header="\n".join([PICKS_HEADER, *notes]))
+        dropped = [f"dropped pick {o}: no longer in the recipe" for o in orphaned]
+        notes = {new_index[old_ids[i]] if old_ids.get(i) in new_index else i: note
+                 for i, note in read_pick_notes(store.picks_file).items()}
+        write_picks(store.picks_file, kept, header="\n".join([PICKS_HEADER, *dropped]), notes=notes)
         store.set_picks(sorted(set(kept)))
     return moved, orphaned

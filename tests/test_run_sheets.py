@@ -58,6 +58,10 @@ def test_sheet_layouts_and_bad_axis(run, capsys):
 def test_pick_add_remove_clear_from_and_errors(run, tmp_path, capsys):
     assert run_app(["pick", str(run), "12", "3-5"]) == 0
     assert read_picks(run / "picks.txt") == [3, 4, 5, 12]
+    # a note written by hand survives the next pick command
+    (run / "picks.txt").write_text((run / "picks.txt").read_text().replace("\n12\n", "\n12  # best light\n"))
+    assert run_app(["pick", str(run), "5"]) == 0
+    assert "12  # best light" in (run / "picks.txt").read_text()
     assert run_app(["pick", str(run), "4", "--remove"]) == 0
     assert read_picks(run / "picks.txt") == [3, 5, 12]
     before = (run / "picks.txt").read_text()
@@ -114,6 +118,7 @@ def test_picks_follow_their_jobs_when_a_recipe_edit_moves_indices(run, tmp_path,
     finally:
         store.close()
     assert run_app(["pick", str(run), "1", "2", "12"]) == 0
+    (run / "picks.txt").write_text((run / "picks.txt").read_text().replace("\n12\n", "\n12  # keeper\n"))
     recipe = tmp_path / "r.yaml"
     # a new first prompt variant shifts every index; seed 0 of "red" disappears
     recipe.write_text(recipe.read_text().replace('"a {red|blue} cup"', '"a {green|red|blue} cup"').replace("seeds: 5", "seeds: [1, 2, 3, 4]"))
@@ -128,3 +133,4 @@ def test_picks_follow_their_jobs_when_a_recipe_edit_moves_indices(run, tmp_path,
         store.close()
     assert read_picks(run / "picks.txt") == sorted([new_index[ids[2]], new_index[ids[12]]])
     assert f"dropped pick 1 (job {ids[1]})" in (run / "picks.txt").read_text()
+    assert f"{new_index[ids[12]]}  # keeper" in (run / "picks.txt").read_text()  # the note moved with its job
