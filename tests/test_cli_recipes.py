@@ -97,3 +97,10 @@ def test_fuzz_malformed_yaml_give_clean_exit_2(tmp_path_factory, text):
     path.write_text(text)
     code = run_app(["validate", str(path)])
     assert code == 2
+
+
+def test_version(capsys):
+    from imagegen import __version__
+
+    assert run_app(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"imagegen {__version__}"

@@ -20,6 +20,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from imagegen import __version__
+
+        typer.echo(f"imagegen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Offline batch renderer for Stable Diffusion: recipes in, picked and upscaled images out."""
+
+
 def err(message: str) -> None:
     """Print one user-facing line (or several) to stderr."""
     typer.echo(message, err=True)
