@@ -90,10 +90,11 @@ def run_plain(args: argparse.Namespace, workdir: Path) -> float:
     pipe = engine.pipeline
     import diffusers
 
-    from imagegen.samplers import lookup_sampler
+    from imagegen.samplers import lookup_sampler, scheduler_config
 
     spec = lookup_sampler(args.scheduler)
-    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(pipe.scheduler.config, **spec.options)
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(scheduler_config(spec, pipe.scheduler.config),
+                                                                          **spec.options)
     for job in jobs:
         image = pipe(job.prompt, negative_prompt=job.negative, width=job.width, height=job.height,
                      num_inference_steps=job.steps, guidance_scale=job.guidance,

@@ -29,6 +29,8 @@ def _spec(name: str, cls: str, a1111: str, schedule: str = "", **options: object
 _KARRAS = {"use_karras_sigmas": True}
 
 # A1111 name -> diffusers scheduler, after diffusers' own "A1111 / k-diffusion" mapping table.
+# Each name fixes its sampler completely: see `scheduler_config` for what the model's own
+# scheduler config may still decide.
 SAMPLERS: tuple[SamplerSpec, ...] = (
     _spec("Euler", "EulerDiscreteScheduler", "Euler"),
     _spec("Euler a", "EulerAncestralDiscreteScheduler", "Euler a"),
@@ -50,8 +52,10 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         algorithm_type="sde-dpmsolver++",
         **_KARRAS,
     ),
-    _spec("DPM++ SDE", "DPMSolverSinglestepScheduler", "DPM++ SDE"),
-    _spec("DPM++ SDE Karras", "DPMSolverSinglestepScheduler", "DPM++ SDE", "Karras", **_KARRAS),
+    # A1111's DPM++ SDE is stochastic (Brownian-tree noise, two model calls per step): diffusers'
+    # DPMSolverSDEScheduler, with the tree seeded per image by the engine (needs torchsde).
+    _spec("DPM++ SDE", "DPMSolverSDEScheduler", "DPM++ SDE"),
+    _spec("DPM++ SDE Karras", "DPMSolverSDEScheduler", "DPM++ SDE", "Karras", **_KARRAS),
     _spec("DDIM", "DDIMScheduler", "DDIM"),
     _spec("PLMS", "PNDMScheduler", "PLMS"),
     _spec("UniPC", "UniPCMultistepScheduler", "UniPC"),
@@ -74,6 +78,16 @@ DIFFUSERS_CLASSES: tuple[str, ...] = (
     "PNDMScheduler",
     "UniPCMultistepScheduler",
 )
+
+# What a model's scheduler config decides for an A1111-named sampler: the trained noise schedule
+# and what the network predicts. Everything else (Karras sigmas, SDE variants, timestep spacing,
+# solver order) comes from the sampler name and the class defaults, so a folder shipped with a
+# customised scheduler cannot turn "DPM++ 2M" into "DPM++ 2M SDE Karras", and k-diffusion
+# samplers start from t=999 as A1111 does ("linspace" spacing). DDIM and PLMS keep the model's
+# own config (A1111's DDIM uses the "leading" spacing with steps_offset=1).
+MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+              "rescale_betas_zero_snr", "steps_offset")
+KEEP_MODEL_CONFIG = ("DDIM", "PLMS")
 
 _BY_KEY = {s.name.lower(): s for s in SAMPLERS}
 _BY_KEY.update({c.lower(): SamplerSpec(c, c, {}, c, "") for c in DIFFUSERS_CLASSES})
@@ -98,3 +112,14 @@ def from_infotext(sampler: str, schedule_type: str = "") -> SamplerSpec | None:
         if spec is not None:
             return spec
     return lookup_sampler(sampler)
+
+
+def scheduler_config(spec: SamplerSpec, model_config: dict) -> dict:
+    """The config to build `spec`'s diffusers class from (then add `spec.options`): the whole
+    model scheduler config for DDIM, PLMS and diffusers class names, else only MODEL_KEYS.
+
+    To build the same scheduler in plain diffusers:
+    `getattr(diffusers, spec.diffusers_class).from_config(scheduler_config(spec, pipe.scheduler.config), **spec.options)`."""
+    if spec.name in KEEP_MODEL_CONFIG or spec.name == spec.diffusers_class:
+        return dict(model_config)
+    return {k: v for k, v in model_config.items() if k in MODEL_KEYS}

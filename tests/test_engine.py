@@ -92,13 +92,13 @@ def test_batch_size_invariance(engine):
 
 @pytest.mark.parametrize(
     "family,scheduler,negative,clip_skip",
-    [("sd15", "DPM++ 2M Karras", "blurry, ugly", None), ("sd15", "Euler a", "", 2),
-     ("sdxl", "Euler a", "", None), ("sdxl", "DPM++ SDE Karras", "bad hands", 2)],
+    [("sd15", "DPM++ 2M Karras", "blurry, ugly", None), ("sd15", "Euler a", "", None),
+     ("sdxl", "Euler a", "", None), ("sdxl", "DPM++ SDE Karras", "bad hands", None), ("sdxl", "Euler", "", 2)],
 )  # fmt: skip
 def test_equals_plain_diffusers_call(family, scheduler, negative, clip_skip, sd15, sdxl):
     import diffusers
 
-    from imagegen.samplers import lookup_sampler
+    from imagegen.samplers import lookup_sampler, scheduler_config
 
     eng = {"sd15": sd15, "sdxl": sdxl}[family]
     r = req(seed=1234, prompt="an astronaut riding a horse", negative=negative, size=(64, 80),
@@ -110,7 +110,10 @@ def test_equals_plain_diffusers_call(family, scheduler, negative, clip_skip, sd1
     pipe = cls.from_pretrained(str(tiny_folder(family)))
     pipe.set_progress_bar_config(disable=True)
     spec = lookup_sampler(scheduler)
-    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(pipe.scheduler.config, **spec.options)
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(scheduler_config(spec, pipe.scheduler.config),
+                                                                          **spec.options)
+    if hasattr(pipe.scheduler, "noise_sampler_seed"):  # SDE: the Brownian tree is seeded with the image seed
+        pipe.scheduler.noise_sampler_seed = [1234]
     from imagegen.engine.engine import text_model_alias  # diffusers 0.42 + transformers 5.x clip_skip fix
 
     with text_model_alias(pipe.text_encoder):
@@ -341,3 +344,67 @@ def test_lora_that_does_not_fit_the_model(sd15, tmp_path):
         sd15.set_loras([(bad, 1.0)])
     assert sd15.loras == () and not any(sd15.pipeline.get_list_adapters().values())
     assert maxdiff(sd15.generate([req()])[0].image, base) == 0
+
+
+SAMPLER_TABLE = [
+    # name, class, karras, algorithm_type (DPM++ multistep), first timestep
+    ("Euler", "EulerDiscreteScheduler", False, None, 999),
+    ("Euler a", "EulerAncestralDiscreteScheduler", None, None, 999),
+    ("DPM++ 2M", "DPMSolverMultistepScheduler", False, "dpmsolver++", 999),
+    ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", True, "dpmsolver++", 999),
+    ("DPM++ 2M SDE", "DPMSolverMultistepScheduler", False, "sde-dpmsolver++", 999),
+    ("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler", True, "sde-dpmsolver++", 999),
+    ("DPM++ SDE", "DPMSolverSDEScheduler", False, None, 999),
+    ("DPM++ SDE Karras", "DPMSolverSDEScheduler", True, None, 999),
+    ("LMS", "LMSDiscreteScheduler", False, None, 999),
+    ("UniPC", "UniPCMultistepScheduler", False, None, 999),
+    ("DDIM", "DDIMScheduler", None, None, 951),  # A1111's DDIM: "leading" spacing, steps_offset 1
+]
+
+
+@pytest.mark.parametrize("name,cls,karras,algo,first_t", SAMPLER_TABLE)
+@pytest.mark.parametrize("model_config", ["shipped", "customised"])
+def test_sampler_names_fix_the_sampler_whatever_the_model_config(name, cls, karras, algo, first_t, model_config):
+    """A folder shipped with a Karras/SDE scheduler config must not change what a name means."""
+    import json
+
+    import diffusers
+
+    from imagegen.engine.builtin import CONFIG_DIR
+    from imagegen.samplers import lookup_sampler, scheduler_config
+
+    base = json.loads((CONFIG_DIR / "sdxl" / "scheduler" / "scheduler_config.json").read_text())
+    if model_config == "customised":
+        base.update(use_karras_sigmas=not bool(karras), algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")
+        if name == "DDIM":
+            base["timestep_spacing"] = "leading"
+    spec = lookup_sampler(name)
+    sched = getattr(diffusers, spec.diffusers_class).from_config(scheduler_config(spec, base), **spec.options)
+    assert type(sched).__name__ == cls
+    if karras is not None:
+        assert sched.config.use_karras_sigmas is karras
+    if algo is not None:
+        assert sched.config.algorithm_type == algo
+    sched.set_timesteps(20)
+    assert round(float(sched.timesteps[0])) == first_t
+
+
+def test_sde_sampler_is_seeded_per_image(sd15):
+    """DPM++ SDE draws Brownian noise: the same seed gives the same image, alone or in a batch."""
+    jobs = [req(seed=s, scheduler="DPM++ SDE Karras", steps=4) for s in (5, 6, 7)]
+    batch = sd15.generate(jobs)
+    again = sd15.generate([jobs[1]])[0]
+    assert maxdiff(batch[1].image, again.image) <= 1
+    assert maxdiff(batch[0].image, batch[1].image) > 0
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_clip_skip_applies_to_the_negative_prompt_too(family, sd15, sdxl):
+    """A1111 skips CLIP layers for the negative prompt as well; diffusers alone does not."""
+    eng = {"sd15": sd15, "sdxl": sdxl}[family]
+    eng._prompt_cache.clear()
+    plain_pos, plain_neg = eng._encode("a horse", "ugly", True, None)[:2]
+    skip_pos, skip_neg = eng._encode("a horse", "ugly", True, 1)[:2]
+    assert not torch.equal(plain_pos, skip_pos) and not torch.equal(plain_neg, skip_neg)
+    alone = eng._encode("ugly", "", False, 1)[0]  # the negative, encoded as a prompt with clip skip
+    assert torch.equal(skip_neg, alone)

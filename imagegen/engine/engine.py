@@ -106,7 +106,7 @@ class Engine:
         spec = scheduler_spec(name)
         cls = getattr(diffusers, spec.diffusers_class)
         try:
-            return cls.from_config(self._base_scheduler_config, **spec.options)
+            return cls.from_config(samplers.scheduler_config(spec, self._base_scheduler_config), **spec.options)
         except ImportError as e:  # e.g. LMS needs scipy
             raise InputError(f"`scheduler` {name!r} is not available here: {_one_line(e)}") from None
 
@@ -115,7 +115,8 @@ class Engine:
 
         Raises InputError for an unknown name.
         """
-        cfg = dict(self._make_scheduler(scheduler).config)
+        sched = self._make_scheduler(scheduler)
+        cfg = {**dict(sched.config), "_class_name": type(sched).__name__}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
     # -- LoRAs -------------------------------------------------------------------------------
@@ -246,16 +247,24 @@ class Engine:
 
         pipe = self.pipeline
         neg = negative if negative else None
-        with torch.no_grad(), text_model_alias(pipe.text_encoder if clip_skip else None):
+
+        def encode(text: str | None, with_cfg: bool) -> tuple:
             if self.family == "sdxl":
-                out = pipe.encode_prompt(
-                    prompt, device=pipe._execution_device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=cfg, negative_prompt=neg, clip_skip=clip_skip,
+                return pipe.encode_prompt(
+                    text, device=pipe._execution_device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=with_cfg, negative_prompt=neg, clip_skip=clip_skip,
                 )  # fmt: skip
+            return pipe.encode_prompt(text, pipe._execution_device, 1, with_cfg, negative_prompt=neg, clip_skip=clip_skip)
+
+        with torch.no_grad(), text_model_alias(pipe.text_encoder if clip_skip else None):
+            if cfg and clip_skip and (neg or self.family == "sd15"):
+                # diffusers applies clip skip to the prompt only; A1111 (and ComfyUI's
+                # CLIPSetLastLayer) apply it to the negative prompt as well. SDXL keeps its
+                # zero embeddings for an empty negative.
+                pos, negs = encode(prompt, False), encode(neg or "", False)
+                out = (pos[0], negs[0]) if self.family == "sd15" else (pos[0], negs[0], pos[2], negs[2])
             else:
-                out = pipe.encode_prompt(
-                    prompt, pipe._execution_device, 1, cfg, negative_prompt=neg, clip_skip=clip_skip
-                )
+                out = encode(prompt, cfg)
         if len(self._prompt_cache) > 64:
             self._prompt_cache.clear()
         self._prompt_cache[key] = out
@@ -283,8 +292,11 @@ class Engine:
         cfg = first.guidance > 1.0
         clip_skip = diffusers_clip_skip(first.clip_skip)
 
-        # 2. Scheduler, fresh for each batch (schedulers keep per-run state).
+        # 2. Scheduler, fresh for each batch (schedulers keep per-run state). SDE samplers draw
+        #    their Brownian-tree noise per image from the image's own seed (batch-independent).
         pipe.scheduler = self._make_scheduler(first.scheduler)
+        if hasattr(pipe.scheduler, "noise_sampler_seed"):
+            pipe.scheduler.noise_sampler_seed = [int(r.seed) for r in requests]
 
         try:
             # 3. Encode each distinct prompt pair once, then stack in request order.
@@ -303,6 +315,7 @@ class Engine:
             # 5. Denoise and decode.
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
+                warnings.filterwarnings("ignore", message="Should have t.*>=t0")  # torchsde float rounding, harmless
                 out = pipe(
                     width=first.width,
                     height=first.height,
