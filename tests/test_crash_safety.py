@@ -43,10 +43,40 @@ def make(tmp_path: Path) -> Path:
     return path
 
 
-def start(recipe: Path, *extra: str) -> subprocess.Popen:
+# Runs the real CLI with file writes slowed down (each file goes out in small chunks with a
+# pause), so that kills often land in the middle of writing an image or a thumbnail.
+SLOW_WRITES = textwrap.dedent("""
+    import io, sys, time
+    import imagegen.fsutil as fsutil
+    real = fsutil.write_atomic
+    def slow(path, write):
+        def chunked(handle):
+            buf = io.BytesIO()
+            write(buf)
+            data = buf.getvalue()
+            for i in range(0, len(data), 2048):
+                handle.write(data[i:i + 2048])
+                handle.flush()
+                time.sleep(0.01)
+        real(path, chunked)
+    fsutil.write_atomic = slow
+    from imagegen.cli import run_app
+    sys.exit(run_app(sys.argv[1:]))
+""")
+
+
+def start(recipe: Path, *extra: str, slow_writes: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "imagegen", "render", str(recipe), "--no-sheet", *extra],
+    head = [sys.executable, "-c", SLOW_WRITES] if slow_writes else [sys.executable, "-m", "imagegen"]
+    return subprocess.Popen([*head, "render", str(recipe), "--no-sheet", *extra],
                             cwd=recipe.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def assert_final_files_complete(run: Path) -> None:
+    """Every file under a final name decodes completely: a kill never leaves a truncated one."""
+    for p in [*(run / "images").glob("*.png"), *(run / "thumbs").glob("*.jpg")]:
+        with Image.open(p) as im:
+            im.load()
 
 
 def images_logged(run: Path) -> int:
@@ -109,10 +139,10 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_images(tmp_path):
     for attempt in range(8):
         if kills == 4:
             break
-        proc = start(recipe)
+        proc = start(recipe, slow_writes=True)
         target = images_logged(run) + rng.randint(1, 2)
         if wait_for_images(proc, run, target):
-            time.sleep(rng.uniform(0.0, 0.25))  # land anywhere: generating, encoding, renaming, committing
+            time.sleep(rng.uniform(0.0, 0.25))  # land anywhere: generating, writing, renaming, committing
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
@@ -120,6 +150,7 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_images(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
         check_consistent(run, just_killed=True)
+        assert_final_files_complete(run)
     assert kills >= 3
     final = subprocess.run([sys.executable, "-m", "imagegen", "render", str(recipe), "--no-sheet"], cwd=work,
                            capture_output=True, text=True)
