@@ -484,3 +484,16 @@ def test_crash_mid_write_leaves_nothing(tmp_path, tiny_x4, fmt):
     with pytest.raises(RuntimeError, match="crash in the middle"):
         upscale_image(src, tmp_path / f"o.{fmt}", _FailingUpscaler(tiny_x4, ok=5), plan, fmt=fmt, tile=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.png"]
+
+
+def test_16_bit_grey_input_is_rounded_to_8_bits(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from imagegen.upscale.pipeline import read_image
+
+    wide = (np.arange(64, dtype=np.uint16) * 1021).reshape(8, 8)
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    rgb, alpha, _ = read_image(tmp_path / "g16.png")
+    assert alpha is None and rgb.shape == (8, 8, 3)
+    assert np.array_equal(rgb[..., 0], np.round(wide / 257).astype(np.uint8))

@@ -36,8 +36,9 @@ def read_image(src: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]
             info = dict(im.info)
             im.load()
             has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-            if im.mode.startswith("I;16") or im.mode == "I":
-                im = im.point(lambda v: v / 256).convert("L")
+            if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: round to 8 bits
+                wide = np.asarray(im, dtype=np.int64).clip(0, 65535)
+                im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
             rgba = im.convert("RGBA" if has_alpha else "RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"cannot read image {src}: {exc}") from None
