@@ -35,6 +35,19 @@ def _parse_token(token: str, ids: Mapping[str, int] | None) -> range:
     return range(start, end + 1)
 
 
+def _parse_tokens(text: str, ids: Mapping[str, int] | None, where: str) -> set[int]:
+    """Indices named by `12 57,58 203-210` (and job ids); InputError `where: reason` otherwise."""
+    picked: set[int] = set()
+    for token in re.split(r"[,\s]+", text.strip()):
+        if not token:
+            continue
+        try:
+            picked.update(_parse_token(token, ids))
+        except ValueError as exc:
+            raise InputError(f"{where}: {exc}") from None
+    return picked
+
+
 def format_ranges(indices: Iterable[int], *, limit: int = 6) -> str:
     """Compress indices into `1-5, 7, 9-12`, showing at most `limit` runs (then `...`)."""
     runs: list[tuple[int, int]] = []
@@ -60,13 +73,7 @@ def parse_pick_args(
     valid_set = valid if isinstance(valid, (set, frozenset)) else set(valid)
     picked: set[int] = set()
     for arg in args:
-        for token in re.split(r"[,\s]+", arg.strip()):
-            if not token:
-                continue
-            try:
-                picked.update(_parse_token(token, ids))
-            except ValueError as exc:
-                raise InputError(f"pick: {exc}") from None
+        picked |= _parse_tokens(arg, ids, "pick")
     unknown = sorted(picked - valid_set)
     if unknown:
         what = (
@@ -95,14 +102,7 @@ def read_picks(path: Path, *, ids: Mapping[str, int] | None = None) -> list[int]
         raise InputError(f"{path}: not UTF-8 text; expected one job index per line") from None
     picked: set[int] = set()
     for line_no, line in enumerate(text.splitlines(), start=1):
-        content = line.split("#", 1)[0].strip()
-        for token in re.split(r"[,\s]+", content):
-            if not token:
-                continue
-            try:
-                picked.update(_parse_token(token, ids))
-            except ValueError as exc:
-                raise InputError(f"{path}:{line_no}: {exc}") from None
+        picked |= _parse_tokens(line.split("#", 1)[0], ids, f"{path}:{line_no}")
     return sorted(picked)
 
 

@@ -29,6 +29,17 @@ def _fmt_eta(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+# What a start event reports about the run folder, when the count is not zero.
+START_NOTES = (
+    ("adopted", "{} finished images adopted after a crash"),
+    ("temp_removed", "{} half-written files removed"),
+    ("reset_missing", "{} missing images queued again"),
+    ("orphaned", "{} jobs no longer in the recipe, their images kept (see `imagegen status`)"),
+    ("renamed", "{} kept images renamed to their new index"),
+    ("picks_moved", "picks.txt follows {} picked jobs to their new index"),
+)
+
+
 class Reporter:
     """Turns render events into what a person sees: a rich progress bar on a terminal, plain
     timestamped lines at most every few seconds otherwise, or JSON lines with --json."""
@@ -65,19 +76,7 @@ class Reporter:
             return
         if kind == "start":
             self.total = event["to_render"]
-            extra = []
-            if event["adopted"]:
-                extra.append(f"{event['adopted']} finished images adopted after a crash")
-            if event["temp_removed"]:
-                extra.append(f"{event['temp_removed']} half-written files removed")
-            if event["reset_missing"]:
-                extra.append(f"{event['reset_missing']} missing images queued again")
-            if event["orphaned"]:
-                extra.append(f"{event['orphaned']} jobs no longer in the recipe, their images kept (see `imagegen status`)")
-            if event["renamed"]:
-                extra.append(f"{event['renamed']} kept images renamed to their new index")
-            if event["picks_moved"]:
-                extra.append(f"picks.txt follows {event['picks_moved']} picked jobs to their new index")
+            extra = [text.format(event[key]) for key, text in START_NOTES if event[key]]
             if event["picks_orphaned"]:
                 extra.append(f"picks of jobs no longer in the recipe dropped: {', '.join(event['picks_orphaned'])}")
             if event["untracked"]:
