@@ -70,6 +70,14 @@ class Job:
     def lora_key(self) -> tuple[tuple[str, float], ...]:
         return tuple((lu.path, lu.weight) for lu in self.loras)
 
+    def content(self) -> dict:
+        """The canonical content its id hashes (and that reproduces its image)."""
+        return canonical_content(
+            checkpoint=self.checkpoint, vae=self.vae, loras=self.loras, prompt=self.prompt, negative=self.negative,
+            seed=self.seed, width=self.width, height=self.height, steps=self.steps, guidance=self.guidance,
+            scheduler=self.scheduler, clip_skip=self.clip_skip,
+        )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["axes"] = dict(self.axes)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 from imagegen import __version__
 from imagegen.errors import ImagegenError
 from imagegen.metadata import format_parameters, png_text_chunks, read_provenance, sha256_file
-from imagegen.plan import Job, canonical_content, plan
+from imagegen.plan import Job, plan
 from imagegen.recipe import Recipe
 from imagegen.fsutil import write_bytes_atomic
 from imagegen.store import DiskFullError, RunStore, image_name, thumb_name
@@ -85,17 +85,13 @@ def library_versions() -> dict[str, str | None]:
 def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None], engine: Any, seconds: float,
                    scheduler_config: dict | None = None) -> dict:
     """The `imagegen` JSON stored in each PNG: enough to reproduce and audit the image."""
-    content = canonical_content(
-        checkpoint=job.checkpoint, vae=job.vae, loras=job.loras, prompt=job.prompt, negative=job.negative, seed=job.seed,
-        width=job.width, height=job.height, steps=job.steps, guidance=job.guidance, scheduler=job.scheduler, clip_skip=job.clip_skip,
-    )
     return {
         "imagegen": __version__,
         "recipe": {"name": recipe.name, "sha256": recipe.sha256, "path": str(recipe.path), "text": recipe.text} if recipe else None,
         "index": job.index,
         "id": job.id,
         "family": job.family,
-        "content": content,
+        "content": job.content(),
         "axes": dict(job.axes),
         "model": {"checkpoint": job.checkpoint, "sha256": hashes.get(job.checkpoint), "vae": job.vae,
                   "vae_sha256": hashes.get(job.vae) if job.vae else None},
@@ -262,8 +258,8 @@ def render_recipe(
             try:
                 path, sha, thumb = fut.result()
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    disk_full.append(f"{store.images}: {os.strerror(exc.errno)}")
+                if exc.errno == errno.ENOSPC or disk_full:  # after a full disk, the next start sorts it out
+                    disk_full.append(f"{store.images}: {exc.strerror or exc}")
                     summary.left += 1
                     continue
                 raise ImagegenError(f"cannot write {store.images / image_name(job.index, job.id)}: {exc.strerror or exc}") from None
@@ -336,10 +332,7 @@ def render_recipe(
         summary.left += len(queue)
     finally:
         try:
-            if disk_full:
-                _drain_quietly(inflight, store, summary, emit)
-            else:
-                harvest(block=True)
+            harvest(block=True)
         finally:
             pool.shutdown(wait=True)
             summary.seconds = time.monotonic() - render_start
@@ -350,20 +343,6 @@ def render_recipe(
         raise DiskFullError(f"disk full while writing into {store.folder}: {summary.rendered} images finished and kept, "
                             f"{summary.left} left; free some space and run the same command again to resume")
     return summary
-
-
-def _drain_quietly(inflight: deque, store: RunStore, summary: RenderSummary, emit: Callable[[Event], None]) -> None:
-    """After a disk-full error: record what did get written, count the rest as left."""
-    while inflight:
-        job, seconds, fut = inflight.popleft()
-        try:
-            path, sha, thumb = fut.result()
-            store.mark_done(job.id, file=path, sha256=sha, thumb=thumb, seconds=seconds)
-        except (OSError, DiskFullError):
-            summary.left += 1  # written or not, the next start sorts it out
-            continue
-        summary.rendered += 1
-        emit({"event": "image", "index": job.index, "id": job.id, "seconds": round(seconds, 4), "file": str(path)})
 
 
 def _summary_event(s: RenderSummary) -> Event:

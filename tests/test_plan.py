@@ -66,3 +66,10 @@ def test_plan_is_pure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", no_open)
     assert len(plan(recipe)) == 12
+
+
+def test_job_content_is_what_its_id_hashes(tmp_path):
+    from imagegen.plan import job_id
+
+    for job in plan(load(tmp_path)):
+        assert job_id(job.content()) == job.id
