@@ -9,6 +9,13 @@ to 2 CPU cores, and reports its wall time and peak memory (max RSS).
     .venv/bin/python bench/sheet.py --jobs 200 --run /tmp/run --keep
 
 Targets (issue 5): under 20 s on 2 cores, peak memory under 1 GB.
+
+    .venv/bin/python bench/sheet.py --browser       # also time index.html in headless chromium
+
+`--browser` opens the index in Debian's chromium (playwright, as the browser test does) and
+times page load, one filter change and one pick toggle: the responsiveness figures that used
+to be timed assertions in tests/test_index_browser.py (targets: load < 10 s, filter and pick
+< 500 ms).
 """
 
 from __future__ import annotations
@@ -113,11 +120,39 @@ def measure(run: Path) -> dict[str, float]:
     return figures
 
 
+def browser_timings(index: Path) -> dict[str, float]:
+    """Load `index` in headless chromium; time the load, a filter change and a pick toggle."""
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                             headless=True, args=flags)
+        page = browser.new_page()
+        started = time.perf_counter()
+        page.goto(index.as_uri())
+        loaded = time.perf_counter() - started
+        timings = page.evaluate(
+            """() => {
+                const t0 = performance.now();
+                const select = document.querySelector('select[data-axis="seed"]');
+                select.value = select.options[1].value; select.dispatchEvent(new Event("change"));
+                const t1 = performance.now();
+                document.querySelector("#cards .card:not([hidden]) .pick").click();
+                return {filter_ms: t1 - t0, pick_ms: performance.now() - t1};
+            }"""
+        )
+        browser.close()
+    return {"load_s": loaded, **timings}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--run", type=Path, help="run folder to build (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the run folder")
+    parser.add_argument("--browser", action="store_true", help="also time index.html in headless chromium")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.measure:
@@ -136,6 +171,7 @@ def main() -> int:
             [sys.executable, __file__, "--measure", str(run)], check=True, capture_output=True, text=True
         )
         figures = json.loads(child.stdout.strip().splitlines()[-1])
+        browser = browser_timings(run / "sheets" / "index.html") if args.browser else None
     finally:
         if not args.keep and args.run is None:
             shutil.rmtree(run, ignore_errors=True)
@@ -151,6 +187,11 @@ def main() -> int:
     ok = one_layout < TARGET_SECONDS and figures["max_rss_mb"] < TARGET_RSS_MB
     print(f"target: one sheet run + index < {TARGET_SECONDS:.0f} s ({one_layout:.2f} s), "
           f"max RSS < {TARGET_RSS_MB:.0f} MB: {'met' if ok else 'MISSED'}")
+    if browser is not None:
+        fast = browser["load_s"] < 10 and browser["filter_ms"] < 500 and browser["pick_ms"] < 500
+        print(f"index.html in chromium: load {browser['load_s']:.2f} s, filter {browser['filter_ms']:.0f} ms, "
+              f"pick {browser['pick_ms']:.0f} ms (targets 10 s / 500 ms / 500 ms): {'met' if fast else 'MISSED'}")
+        ok = ok and fast
     return 0 if ok else 1
 
 

@@ -86,7 +86,7 @@ def images_logged(run: Path) -> int:
         return 0
 
 
-def wait_for_images(proc: subprocess.Popen, run: Path, count: int, timeout: float = 120) -> bool:
+def wait_for_images(proc: subprocess.Popen, run: Path, count: int, timeout: float = 900) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if images_logged(run) >= count:
