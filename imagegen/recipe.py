@@ -225,6 +225,15 @@ def _show(value: Any) -> str:
 # --- checkers --------------------------------------------------------------------------------
 
 
+def _home_of(key: Any) -> str | None:
+    """The top-level section whose mapping has `key` (`checkpoint` -> `model`), for a key written
+    at the top level by mistake; None when no section has it."""
+    for section, sub in SCHEMA.items():
+        if isinstance(sub, dict) and key in sub and key != "*":
+            return section
+    return None
+
+
 def _check_keys(doc: _Doc, data: Any, schema: Any, path: Path_) -> None:
     """Unknown keys at any depth, with the nearest valid key suggested."""
     if isinstance(schema, dict) and isinstance(data, dict):
@@ -236,7 +245,13 @@ def _check_keys(doc: _Doc, data: Any, schema: Any, path: Path_) -> None:
                 _check_keys(doc, value, schema["*"], path + (key,))
             else:
                 near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-                hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys here: {', '.join(allowed)}"
+                home = _home_of(key) if not path else None
+                if home:
+                    hint = f"; it belongs under `{home}:` (indent it there)"
+                elif near:
+                    hint = f"; did you mean `{near[0]}`?"
+                else:
+                    hint = f"; valid keys here: {', '.join(allowed)}"
                 doc.problem(path + (key,), f"unknown key `{_dotted(path + (key,))}`{hint}", key=True)
     elif isinstance(schema, list) and isinstance(data, list):
         for i, item in enumerate(data):
@@ -314,7 +329,9 @@ def _int_in(doc: _Doc, key: str, lo: int, hi: int | None = None):
 def _num_in(doc: _Doc, key: str, lo: float, hi: float):
     def check(value: Any, path: Path_):
         if not _is_num(value) or not lo <= value <= hi:
-            doc.problem(path, f"`{key}` must be a number from {lo:g} to {hi:g}, got {_show(value)}")
+            comma = isinstance(value, str) and re.fullmatch(r"\s*-?\d+,\d+\s*", value)
+            hint = f" (did you mean {value.strip().replace(',', '.')}? decimals take a point)" if comma else ""
+            doc.problem(path, f"`{key}` must be a number from {lo:g} to {hi:g}, got {_show(value)}{hint}")
             return None
         return float(value)
 
@@ -709,6 +726,8 @@ def load_recipe(path: str | Path, *, allow_download: bool = False, check_files: 
         near = [lines[m.line] for m in (exc.context_mark, exc.problem_mark) if m and m.line < len(lines)]
         if any(re.search(r":\s+[{\[][^}\]]*\|", ln) for ln in near):
             what += " (a prompt that starts with `{` must be quoted: prompt: \"{a|b} cat\")"
+        elif "'\\t'" in what or "\t" in what:
+            what += " (indent with spaces: YAML does not allow tabs for indentation)"
         elif "escape character" in what:
             what += " (inside double quotes YAML reads `\\` itself: use single quotes, 'a \\{b\\}', or write \\\\{)"
         raise RecipeError([f"{where}: YAML syntax error: {what}"]) from None

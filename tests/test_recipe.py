@@ -246,3 +246,15 @@ def test_plan_reads_the_family_of_an_existing_file_like_validate(tmp_path):
     write_fake_safetensors(tmp_path / "m.safetensors", fake_checkpoint_shapes("sd15"))
     path = write(tmp_path, MINIMAL.replace("builtin:tiny-sd15", "m.safetensors"))
     assert load_recipe(path).sizes == load_recipe(path, check_files=False).sizes == ((512, 512),)
+
+
+def test_common_newcomer_mistakes_get_a_hint(tmp_path):
+    tabs = tmp_path / "tabs.yaml"
+    tabs.write_text("name: t\nmodel:\n\tcheckpoint: builtin:tiny-sd15\nprompt: a\n")
+    found = problems(tabs)
+    assert found[0].startswith(f"{tabs}:3:1: YAML syntax error") and "indent with spaces" in found[0]
+    found = problems(write(tmp_path, MINIMAL + "checkpoint: builtin:tiny-sd15\nguidance: 7,5\nsteps: 2,5\n"))
+    assert any("unknown key `checkpoint`; it belongs under `model:` (indent it there)" in p for p in found), found
+    assert any(":6:11: `guidance` must be a number" in p and "did you mean 7.5?" in p for p in found), found
+    # never silently fixed: the hint is in the error, the recipe is still refused
+    assert len(found) >= 3

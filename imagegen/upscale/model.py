@@ -101,11 +101,29 @@ def _read_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types (UnpicklingError, IndexError, ...) on junk
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: cannot read weight file ({first})") from None
+        raise ModelError(_unreadable_weights(path, exc)) from None
     if not isinstance(state, dict):
         raise ModelError(f"{path}: weight file holds a {type(state).__name__}, expected a state dict")
     return state
+
+
+def _unreadable_weights(path: Path, exc: Exception) -> str:
+    """One line saying why `path` is not a weight file we load, and what is expected.
+
+    torch's own message is not repeated: for a pickle that needs code execution it advises
+    `weights_only=False`, which is exactly what must not be done with a file of unknown origin."""
+    expected = "expected Real-ESRGAN weights: a PyTorch .pth (zip or pickle of tensors) or a .safetensors file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return f"{path}: cannot read weight file ({err.strerror})"
+    if "weights_only" in str(exc) or "WeightsUnpickler" in str(exc):
+        return (f"{path}: refused: this pickle holds Python objects besides tensors, and loading it could run "
+                f"code; {expected} (convert it to .safetensors on a machine you trust)")
+    if head.startswith(b"PK"):
+        return f"{path}: a damaged or unsupported zip checkpoint (no readable tensor data); {expected}"
+    return f"{path}: not a weight file: neither a PyTorch checkpoint (zip or pickle of tensors) nor safetensors; {expected}"
 
 
 def build_module(spec: ArchSpec) -> Any:
