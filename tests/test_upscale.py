@@ -172,15 +172,16 @@ def test_old_esrgan_layout_equals_basicsr_layout(tmp_path):
     np.testing.assert_array_equal(run(a, img, 0), run(b, img, 0))
 
 
+class NotATensor:
+    """A pickled object that `torch.load(weights_only=True)` refuses."""
+
+
 def test_bad_weight_files(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a torch file" * 10)
     with pytest.raises(ModelError, match="junk.pth: not a weight file: neither a PyTorch checkpoint") as exc:
         load_upscaler(junk, device="cpu")
     assert "expected Real-ESRGAN weights" in str(exc.value)
-
-    class NotATensor:
-        pass
 
     torch.save({"params_ema": NotATensor()}, tmp_path / "objects.pth")
     with pytest.raises(ModelError, match="objects.pth: refused: this pickle holds Python objects") as exc:
