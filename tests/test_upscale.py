@@ -329,6 +329,12 @@ def test_plan_passes():
         plan_passes(10, 10, 4, scale=0.5)
     with pytest.raises(InputError, match="`target_width`"):
         plan_passes(100, 10, 4, target_width=50)
+    # the one size limit, with its reason, agrees with the README (BigTIFF could hold more)
+    with pytest.raises(InputError, match="at most 65000 px per side in every format") as exc:
+        plan_passes(1536, 1024, 4, target_width=70000)
+    assert "BigTIFF itself could hold more" in str(exc.value)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "at most 65000 px\n  per side in every format" in readme
 
 
 def _lanczos(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -101,7 +101,9 @@ def plan_passes(
         raise InputError(f"`model_scale` must be >= 1; got {model_scale}")
     tw, th = _target(width, height, scale, target_width, target_height)
     if max(tw, th) > MAX_SIDE:
-        raise InputError(f"target size {tw}x{th} is too large; the longest side may be at most {MAX_SIDE}")
+        raise InputError(f"target size {tw}x{th} is too large: imagegen makes at most {MAX_SIDE} px per side in "
+                         "every format (the passes before the last are held in memory as 8-bit images, and few "
+                         "editors open larger files), though BigTIFF itself could hold more")
     factor = max(tw / width, th / height)
     if model_scale == 1:
         n = 1
