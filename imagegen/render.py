@@ -60,6 +60,7 @@ class RenderSummary:
     left: int = 0  # pending jobs not attempted (limit, interrupt, disk full)
     seconds: float = 0.0
     interrupted: str | None = None
+    aborted: bool = False  # a second Ctrl-C: stopped at once, the batch being generated was dropped
     batch_size: int = 0
     failures: list[tuple[int, str]] = field(default_factory=list)
 
@@ -187,6 +188,7 @@ def render_recipe(
     started = time.monotonic()
 
     def emit(event: Event) -> None:
+        event = {"ts": round(time.time(), 3), **event}  # the same stamp in log.jsonl and on --json stdout
         try:
             store.log(event)
         except OSError:
@@ -246,6 +248,7 @@ def render_recipe(
         groups.setdefault(job.group_key, []).append(job)
     ordered = list(groups.values())  # plan order already keeps each LoRA stack together
 
+    to_render = len(pending)
     pool = cf.ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="imagegen-writer")
     inflight: deque[tuple[Job, float, cf.Future]] = deque()
     disk_full: list[str] = []
@@ -253,6 +256,18 @@ def render_recipe(
     last_refresh = render_start
 
     def harvest(block: bool) -> None:
+        before = summary.rendered
+        _harvest(block)
+        if summary.rendered != before:
+            emit_progress()
+
+    def emit_progress() -> None:
+        """One event after each step that finished images: reporters print from this, so a line
+        always shows every image finished so far (not the first of a batch)."""
+        emit({"event": "progress", "rendered": summary.rendered, "failed": summary.failed, "to_render": to_render,
+              "seconds": round(time.monotonic() - render_start, 3)})
+
+    def _harvest(block: bool) -> None:
         while inflight and (block or inflight[0][2].done() or len(inflight) > 4 * batch_size):
             job, seconds, fut = inflight.popleft()
             try:
@@ -293,6 +308,7 @@ def render_recipe(
             if group[0].group_key != current_key:
                 engine.set_loras([(lu.path, lu.weight) for lu in group[0].loras])
                 current_key = group[0].group_key
+            harvest(block=False)  # writes of the last batch that finished meanwhile count before the next one
             requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip)
                         for j in group]
             t0 = time.monotonic()
@@ -324,12 +340,18 @@ def render_recipe(
                 params = job_parameters(job, hashes, engine.model_name)
                 prov = job_provenance(job, recipe, hashes, engine, per_image, scheduler_configs[job.scheduler])
                 inflight.append((job, per_image, pool.submit(_write_job, store, job, result.image, params, prov)))
+            if not any(not r.error and r.image is not None for r in results):
+                emit_progress()  # a batch of failures moves the count too
             harvest(block=False)
             if on_refresh and time.monotonic() - last_refresh > opts.refresh_every:
                 harvest(block=True)
                 on_refresh()
                 last_refresh = time.monotonic()
         summary.left += len(queue)
+    except KeyboardInterrupt:
+        # A second Ctrl-C: the batch being generated is dropped, what is generated is still written.
+        summary.interrupted, summary.aborted = "SIGINT", True
+        raise
     finally:
         try:
             harvest(block=True)
@@ -337,6 +359,9 @@ def render_recipe(
             pool.shutdown(wait=True)
             summary.seconds = time.monotonic() - render_start
             summary.batch_size = batch_size
+            if summary.aborted:
+                summary.left = to_render - summary.rendered - summary.failed
+                emit({"event": "finish", **_summary_event(summary)})
     summary.interrupted = stop_reason
     emit({"event": "finish", **_summary_event(summary)})
     if disk_full:
@@ -348,4 +373,4 @@ def render_recipe(
 def _summary_event(s: RenderSummary) -> Event:
     return {"recipe": s.recipe, "folder": s.folder, "planned": s.planned, "already_done": s.already_done, "rendered": s.rendered,
             "failed": s.failed, "left": s.left, "seconds": round(s.seconds, 2), "images_per_second": round(s.images_per_second, 3),
-            "interrupted": s.interrupted, "batch_size": s.batch_size}
+            "interrupted": s.interrupted, "aborted": s.aborted, "batch_size": s.batch_size}

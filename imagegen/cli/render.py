@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import typer
 
@@ -96,20 +97,20 @@ class Reporter:
                                          console=__import__("rich.console").console.Console(stderr=True), transient=False)
                 self.progress.start()
                 self.task = self.progress.add_task("render", total=self.total, rate="")
-        elif kind in ("image", "failed"):
-            if kind == "image":
-                self.done += 1
-            else:
-                self.failed += 1
-                self.line(f"job {event['index']} failed: {event['error']}")
-            elapsed = time.monotonic() - self.t0
-            rate = (self.done + self.failed) / elapsed if elapsed > 0 else 0.0
+        elif kind == "failed":
+            self.line(f"job {event['index']} failed: {event['error']}")
+        elif kind == "progress":
+            # Sent after each step that finished images, with the run's totals so far: the count
+            # and the rate follow finished images, so the ETA settles after the first batch.
+            self.done, self.failed = event["rendered"], event["failed"]
+            finished = self.done + self.failed
+            rate = finished / event["seconds"] if event["seconds"] > 0 else 0.0
             if self.progress is not None:
-                self.progress.update(self.task, completed=self.done + self.failed, rate=f"{rate:.2f} img/s")
-            elif self.mode == "plain" and time.monotonic() - self.last_line >= PLAIN_EVERY:
+                self.progress.update(self.task, completed=finished, rate=f"{rate:.2f} img/s")
+            elif self.mode == "plain" and (time.monotonic() - self.last_line >= PLAIN_EVERY or finished >= self.total):
                 self.last_line = time.monotonic()
-                left = self.total - self.done - self.failed
-                self.line(f"{self.done + self.failed}/{self.total} ({self.failed} failed), {rate:.2f} img/s, "
+                left = self.total - finished
+                self.line(f"{finished}/{self.total} ({self.failed} failed), {rate:.2f} img/s, "
                           f"ETA {_fmt_eta(left / rate if rate else None)}")
         elif kind == "oom":
             if not self.oom_said:  # said once; further halvings are in log.jsonl and the summary
@@ -117,7 +118,10 @@ class Reporter:
                 self.line(event["message"] + " (further halvings are logged quietly)")
         elif kind == "finish":
             self.stop()
-            state = f"interrupted by {event['interrupted']}" if event["interrupted"] else "finished"
+            if event.get("aborted"):
+                state = "aborted by a second Ctrl-C (the batch being generated was dropped; written images are kept)"
+            else:
+                state = f"interrupted by {event['interrupted']}" if event["interrupted"] else "finished"
             batch = f"; batch size ended at {event['batch_size']} after CUDA out of memory" if self.oom_said else ""
             self.line(f"{event['recipe']}: {state}: {event['rendered']} rendered, {event['failed']} failed, {event['left']} left, "
                       f"{event['already_done']} were already done; {event['images_per_second']:.2f} img/s{batch}; {event['folder']}")
@@ -175,10 +179,20 @@ def _dry_run(recipe: Any, output: Path, limit: int | None, retry_failed: bool) -
     todo = [j for j in jobs if j.id not in done and j.id not in failed]
     if limit is not None:
         todo = todo[:limit]
+    failed_note = f"{len(failed)} failed (use --retry-failed), " if failed else ""
     typer.echo(f"{recipe.name}: {len(jobs)} jobs, {len(done & {j.id for j in jobs})} done, "
-               f"{len(failed)} failed (use --retry-failed), would render {len(todo)} into {output}")
+               f"{failed_note}would render {len(todo)} into {output}")
+    # Every axis that varies in the plan (guidance, LoRA weights, ... as well as seed and size),
+    # so no two listed jobs look alike; the prompt is shown whole enough to tell variants apart.
+    values: dict[str, set[str]] = {}
+    for j in jobs:
+        for key, label in j.axes:
+            values.setdefault(key, set()).add(label)
+    varying = [key for key, labels in values.items() if len(labels) > 1 and key != "prompt"]
     for j in todo[:20]:
-        typer.echo(f"  {j.index:>5} {j.id} seed {j.seed} {j.width}x{j.height} {j.steps} steps {j.scheduler} :: {j.prompt[:70]}")
+        axes = dict(j.axes)
+        shown = " ".join(f"{key}={axes[key]}" for key in varying) or f"seed={j.seed}"
+        typer.echo(f"  {j.index:>5} {j.id} {shown} :: {j.prompt[:120]}")
     if len(todo) > 20:
         typer.echo(f"  ... and {len(todo) - 20} more")
 
@@ -211,7 +225,7 @@ def render(
         as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download)])
     invalid = 0
     failed_jobs = 0
-    with StopFlag() as stop:
+    with StopFlag() as stop, _aborted_says_how_to_resume(resume_cmd):
         for path in recipes:
             try:
                 recipe = load_recipe(path, allow_download=allow_download)
@@ -224,7 +238,13 @@ def render(
                                                             batch_size=batch_size, allow_download=allow_download))
             except (InputError, RunLockedError) as exc:
                 # One bad recipe, model or busy folder does not stop the overnight queue.
-                err(exc.message)
+                if len(recipes) == 1:
+                    err(exc.message)  # nothing else to do: the one clear line
+                else:  # a queue (cron): when and what was skipped, among the other log lines
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                    err(f"{stamp} {exc.message}")
+                    err(f"{stamp} imagegen: skipped {path}" + ("; --fail-fast stops the queue here" if fail_fast
+                                                             else "; the queue goes on"))
                 invalid += 1
                 if fail_fast:
                     raise typer.Exit(2)
@@ -238,6 +258,17 @@ def render(
     if failed_jobs:
         err(f"imagegen: {failed_jobs} jobs failed; `imagegen status` shows them, `--retry-failed` renders them again")
         raise typer.Exit(EXIT_FAILED_JOBS)
+
+
+@contextlib.contextmanager
+def _aborted_says_how_to_resume(resume_cmd: str) -> Iterator[None]:
+    """A second Ctrl-C raises KeyboardInterrupt: say so, with the resume command, and exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err(f"{time.strftime('%Y-%m-%d %H:%M:%S')} imagegen: aborted by a second Ctrl-C; finished images are kept; "
+            f"to resume: {resume_cmd}")
+        raise typer.Exit(EXIT_INTERRUPTED["SIGINT"]) from None
 
 
 def _render_one(recipe: Any, folder: Path, stop: "StopFlag", *, as_json: bool, wait: bool, no_sheet: bool, options: Any) -> Any:
