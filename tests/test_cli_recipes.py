@@ -104,3 +104,16 @@ def test_version(capsys):
 
     assert run_app(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"imagegen {__version__}"
+
+
+COMMANDS = ["validate", "plan", "render", "status", "reproduce", "sheet", "pick", "picks", "upscale"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_pages_read_as_people_type_and_show_examples(command, capsys):
+    assert run_app([command, "--help"]) == 0
+    page = capsys.readouterr().out
+    usage = next(line for line in page.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "}" not in usage, usage  # `RUN...`, never `{RUN...}...`
+    assert "<bool>" not in page and "<list[" not in page, page  # a flag takes no value: never `--json true`
+    assert "Examples:" in page and f"imagegen {command} " in page.split("Examples:")[1]

@@ -6,11 +6,53 @@ at module level, so `imagegen --help` stays fast.
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+import typer.core
 
 from imagegen.errors import ImagegenError
 
-app = typer.Typer(
+class _Command(typer.core.TyperCommand):
+    """A command whose help reads the way people type it: `RUN...` in the usage line (not
+    `{RUN...}...`), no `<bool>` after a flag (a person then types `--json true`), no type after
+    an argument (its help says what it is). Each command's epilog holds its examples."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain_help(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_help(option)
+        return option
+
+
+def _plain_help(param: Any) -> None:
+    if isinstance(param, typer.core.TyperArgument):
+        param.display_type_rich = lambda ctx: None
+        def usage(param: Any = param) -> str:
+            name = param.display_name_raw if param.required else f"[{param.display_name_raw}]"
+            return name + ("..." if param.nargs != 1 else "")
+
+        param._usage_display_name = usage
+    elif getattr(param, "is_flag", False):
+        param.display_type_rich = lambda ctx: None
+
+
+class _App(typer.Typer):
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+def examples(*lines: str) -> str:
+    """An epilog of example command lines for a help page."""
+    return "Examples:\n\n" + "\n\n".join(lines)
+
+
+app = _App(
     name="imagegen",
     help="Offline batch renderer for Stable Diffusion: recipes in, picked and upscaled images out.",
     no_args_is_help=True,

@@ -8,13 +8,13 @@ from typing import List, Optional
 
 import typer
 
-from imagegen.cli.app import app, err
+from imagegen.cli.app import app, err, examples
 from imagegen.errors import RecipeError
 
 
-@app.command()
+@app.command(epilog=examples("imagegen validate recipes/example.yaml", "imagegen validate recipes/*.yaml"))
 def validate(
-    recipes: List[Path] = typer.Argument(..., help="Recipe files to check.", show_default=False),
+    recipes: List[Path] = typer.Argument(..., metavar="RECIPE", help="Recipe files to check.", show_default=False),
     allow_download: bool = typer.Option(False, "--allow-download", help="Accept hub ids as checkpoints."),
 ) -> None:
     """Check recipes without loading any model: syntax, keys, files, variants, job cap."""
@@ -34,7 +34,8 @@ def validate(
         raise typer.Exit(2)
 
 
-@app.command("plan")
+@app.command("plan", epilog=examples("imagegen plan recipes/example.yaml --limit 5",
+                                       "imagegen plan recipes/example.yaml --json > jobs.json"))
 def plan_cmd(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe file.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the full job list as JSON."),

@@ -13,7 +13,7 @@ from typing import Any, Iterator, List, Optional
 
 import typer
 
-from imagegen.cli.app import app, err
+from imagegen.cli.app import app, err, examples
 from imagegen.errors import ImagegenError, InputError, RunLockedError
 
 EXIT_FAILED_JOBS = 1
@@ -197,9 +197,13 @@ def _dry_run(recipe: Any, output: Path, limit: int | None, retry_failed: bool) -
         typer.echo(f"  ... and {len(todo) - 20} more")
 
 
-@app.command()
+@app.command(epilog=examples(
+    "imagegen render recipes/example.yaml",
+    "imagegen render recipes/a.yaml recipes/b.yaml --wait        (a queue, e.g. from cron)",
+    "imagegen render recipes/example.yaml --dry-run --limit 10",
+    "imagegen render recipes/example.yaml --device cuda:1 --batch-size 4 --retry-failed"))
 def render(
-    recipes: List[Path] = typer.Argument(..., metavar="RECIPE...", help="Recipes to render, one after another.", show_default=False),
+    recipes: List[Path] = typer.Argument(..., metavar="RECIPE", help="Recipes to render, one after another.", show_default=False),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)."),
     dtype: Optional[str] = typer.Option(None, help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override the recipe's batch_size."),
@@ -329,9 +333,9 @@ def _sheets_quietly(store: Any) -> None:
         err(f"imagegen: contact sheets not refreshed: {exc}")
 
 
-@app.command()
+@app.command(epilog=examples("imagegen status runs/example", "imagegen status runs/* --json"))
 def status(
-    runs: List[Path] = typer.Argument(..., metavar="RUN...", help="Run folders.", show_default=False),
+    runs: List[Path] = typer.Argument(..., metavar="RUN", help="Run folders.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Where a run stands: done, pending, failed, orphaned, rate, last error, time left."""
@@ -360,9 +364,10 @@ def status(
             typer.echo(f"  ... and {len(s['orphans']) - 10} more orphaned")
 
 
-@app.command()
+@app.command(epilog=examples("imagegen reproduce runs/example/images/0001-3847c5df9d1e.png",
+                             "imagegen reproduce IMAGE.png --out again.png --tolerance 0"))
 def reproduce(
-    image: Path = typer.Argument(..., help="A PNG rendered by imagegen.", show_default=False),
+    image: Path = typer.Argument(..., metavar="IMAGE", help="A PNG rendered by imagegen.", show_default=False),
     device: Optional[str] = typer.Option(None, help="Device (default: as for render)."),
     dtype: Optional[str] = typer.Option(None, help="dtype (default: as for render)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also save the new render here."),

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from imagegen.cli.app import app, err
+from imagegen.cli.app import app, err, examples
 
 
 def _open(run: Path):
@@ -17,7 +17,8 @@ def _open(run: Path):
     return RunStore.open(run, create=False, lock=False)
 
 
-@app.command()
+@app.command(epilog=examples("imagegen sheet runs/example", "imagegen sheet runs/example --by prompt",
+                      "imagegen sheet runs/example --x guidance --y lora:style --per-page 60"))
 def sheet(
     run: Path = typer.Argument(..., metavar="RUN", help="Run folder.", show_default=False),
     by: Optional[str] = typer.Option(None, "--by", help="New section per value of this axis (prompt, seed, lora_set, lora:NAME, guidance, ...)."),
@@ -38,10 +39,11 @@ def sheet(
     typer.echo(str(index))
 
 
-@app.command()
+@app.command(epilog=examples("imagegen pick runs/example 12 57 203-210", "imagegen pick runs/example --remove 57",
+                      "imagegen pick runs/example --from ~/Downloads/picks.txt", "imagegen pick runs/example --clear"))
 def pick(
     run: Path = typer.Argument(..., metavar="RUN", help="Run folder.", show_default=False),
-    items: Optional[List[str]] = typer.Argument(None, metavar="INDEX...", help="Job indices (12), ranges (203-210) or job ids."),
+    items: Optional[List[str]] = typer.Argument(None, metavar="INDEX", help="Job indices (12), ranges (203-210) or job ids."),
     from_file: Optional[Path] = typer.Option(None, "--from", help="Replace the picks with those in this file (e.g. picks.txt downloaded from index.html)."),
     remove: bool = typer.Option(False, "--remove", help="Remove these picks instead of adding them."),
     clear: bool = typer.Option(False, "--clear", help="Start from an empty pick list."),
@@ -63,7 +65,7 @@ def pick(
     typer.echo(f"{len(picks)} picked: {format_ranges(picks, limit=20) or '(none)'}")
 
 
-@app.command()
+@app.command(epilog=examples("imagegen picks runs/example"))
 def picks(
     run: Path = typer.Argument(..., metavar="RUN", help="Run folder.", show_default=False),
 ) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from imagegen.cli.app import app, err
+from imagegen.cli.app import app, err, examples
 from imagegen.errors import InputError
 
 DEFAULT_FORMAT = "tif"  # tiled Deflate BigTIFF: streams by tile, no size limit, opens everywhere
@@ -162,9 +162,12 @@ def run_upscale_targets(run: Path) -> tuple[list[Path], dict]:
     return [path for _, _, path in picks], settings
 
 
-@app.command("upscale")
+@app.command("upscale", epilog=examples(
+    "imagegen upscale runs/example                      (the picks, with the recipe's upscale: settings)",
+    "imagegen upscale runs/example --width 6000 -f png",
+    "imagegen upscale a.png b.png --model RealESRGAN_x4plus.pth --scale 4 --out big/"))
 def upscale(
-    images: list[Path] = typer.Argument(..., metavar="RUN | IMAGE...", help="A run folder (its picks) or image files.",
+    images: list[Path] = typer.Argument(..., metavar="RUN|IMAGE", help="A run folder (its picks) or image files.",
                                         show_default=False),
     model: Path = typer.Option(None, "--model", "-m", help="Real-ESRGAN/ESRGAN weights (.pth or .safetensors)."),
     scale: float = typer.Option(None, "--scale", help="Output size as a multiple of the input."),
