@@ -18,10 +18,11 @@ the column in the template.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 import random
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -29,6 +30,9 @@ from typing import Callable, Sequence, Union
 from imagegen.errors import InputError
 
 MAX_ENUMERATE = 1_000_000  # variants one template may expand to before we refuse
+MAX_DEPTH = 64  # nested `{` groups plus wildcard levels in one template
+MAX_WILDCARD_BYTES = 8 << 20  # a wildcard file larger than this is refused before it is read
+MAX_WILDCARD_LINES = 100_000  # options in one wildcard file
 
 
 class PromptSyntaxError(InputError):
@@ -91,22 +95,56 @@ class _Alt:
 
 @dataclass(frozen=True)
 class _Choose:
+    """k distinct options as combinations in written order (for each k in `sizes`), joined.
+
+    Order: sizes ascending; within a size, combinations in lexicographic order of option
+    positions; within a combination, the options' own variants in mixed radix (last fastest).
+    Counting and `nth` use the elementary symmetric sums of the options' counts (a table of
+    len(options) x max(sizes) numbers), so `{8$$...60 options...}` (2.5 billion variants) is
+    counted and indexed at once, without walking its combinations."""
+
     sizes: tuple[int, ...]
     joiner: str
     options: tuple["_Node", ...]
 
-    def _combos(self):
-        for k in self.sizes:
-            yield from itertools.combinations(range(len(self.options)), k)
+    @functools.cached_property
+    def _table(self) -> list[list[int]]:
+        # e[j][k]: total weight of the k-combinations of options j.. (weight = product of counts)
+        counts = [o.count() for o in self.options]
+        n, kmax = len(counts), max(self.sizes)
+        e = [[0] * (kmax + 1) for _ in range(n + 1)]
+        for j in range(n, -1, -1):
+            e[j][0] = 1
+            if j < n:
+                for k in range(1, kmax + 1):
+                    e[j][k] = e[j + 1][k] + counts[j] * e[j + 1][k - 1]
+        return e
 
     def count(self) -> int:
-        return sum(math.prod(self.options[j].count() for j in c) for c in self._combos())
+        return sum(self._table[0][k] for k in self.sizes)
+
+    def _find(self, start: int, k: int, t: int) -> tuple[list[int], int]:
+        """The k-combination (from options start..) holding weighted position t, and t's
+        offset inside that combination's block of variants."""
+        if k == 0:
+            return [], t
+        e = self._table
+        for j in range(start, len(self.options)):
+            c = self.options[j].count()
+            block = c * e[j + 1][k - 1]
+            if t < block:
+                rest, offset = self._find(j + 1, k - 1, t // c)
+                return [j, *rest], c * offset + t % c
+            t -= block
+        raise IndexError(t)
 
     def nth(self, i: int) -> str:
-        for combo in self._combos():
-            n = math.prod(self.options[j].count() for j in combo)
+        for k in self.sizes:
+            n = self._table[0][k]
             if i < n:
-                return self.joiner.join(_Seq(tuple(self.options[j] for j in combo)).nth_list(i))
+                combo, offset = self._find(0, k, i)
+                # offset is mixed radix with the first chosen option most significant
+                return self.joiner.join(_Seq(tuple(self.options[j] for j in combo)).nth_list(offset))
             i -= n
         raise IndexError(i)
 
@@ -128,6 +166,7 @@ class _Parser:
         self.i = 0
         self.wildcards = wildcards
         self.stack = stack
+        self.depth = len(stack)  # wildcard levels count towards the nesting limit
 
     def fail(self, message: str, at: int | None = None) -> PromptSyntaxError:
         col = (self.i if at is None else at) + 1
@@ -179,6 +218,15 @@ class _Parser:
 
     def group(self) -> _Node:
         start = self.i
+        if self.depth >= MAX_DEPTH:
+            raise self.fail(f"groups nest more than {MAX_DEPTH} deep", start)
+        self.depth += 1
+        try:
+            return self._group(start)
+        finally:
+            self.depth -= 1
+
+    def _group(self, start: int) -> _Node:
         self.i += 1  # '{'
         sizes: tuple[int, ...] | None = None
         joiner = ", "
@@ -259,19 +307,44 @@ class _Parser:
 def folder_wildcards(folder: Path) -> WildcardLoader:
     """A loader reading `<folder>/<name>.txt`; raises InputError when the file is missing."""
 
+    root = folder.resolve()
+    cache: dict[str, list[str]] = {}
+
     def load(name: str) -> list[str]:
+        if name not in cache:
+            cache[name] = _load(name)
+        return cache[name]
+
+    def _load(name: str) -> list[str]:
         path = folder / f"{name}.txt"
+        # The name resolves inside the wildcards folder only (no `..`, no symlink out of it).
+        if ".." in name.split("/") or not path.resolve().is_relative_to(root):
+            raise InputError(f"wildcard `__{name}__` points outside the wildcards folder `{folder}`")
         try:
-            text = path.read_text(encoding="utf-8")
+            st = path.stat()
         except FileNotFoundError:
             raise InputError(f"wildcard file `{path}` does not exist") from None
+        except OSError as exc:
+            raise InputError(f"cannot read wildcard file `{path}`: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never ends
+            raise InputError(f"wildcard `{path}` is not a regular file")
+        if st.st_size > MAX_WILDCARD_BYTES:
+            raise InputError(f"wildcard file `{path}` is {st.st_size >> 20} MB; at most {MAX_WILDCARD_BYTES >> 20} MB")
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_WILDCARD_BYTES + 1)
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read wildcard file `{path}`: {exc}") from None
+        if len(data) > MAX_WILDCARD_BYTES:
+            raise InputError(f"wildcard file `{path}` grew past {MAX_WILDCARD_BYTES >> 20} MB while being read")
         out = []
         for raw in text.splitlines():
             line = raw.strip()
             if line and not line.startswith("#"):
                 out.append(line)
+        if len(out) > MAX_WILDCARD_LINES:
+            raise InputError(f"wildcard file `{path}` has {len(out)} options; at most {MAX_WILDCARD_LINES}")
         return out
 
     return load

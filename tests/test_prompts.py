@@ -94,3 +94,79 @@ def test_sampling_huge_template_does_not_enumerate():
 def test_sampling_more_than_available_is_an_error():
     with pytest.raises(PromptSyntaxError, match="more variants than the template has"):
         sample_variants("{a|b}", 3, seed=0)
+
+
+# --- hostile and huge templates: counted, never walked --------------------------------------
+
+import itertools  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from imagegen.prompts import MAX_DEPTH, parse_template  # noqa: E402
+
+
+def _reference_choose(options: list[list[str]], sizes: range, joiner: str = ", ") -> list[str]:
+    """The documented order, by brute force: sizes, then combinations, then mixed radix."""
+    out = []
+    for k in sizes:
+        for combo in itertools.combinations(range(len(options)), k):
+            out += [joiner.join(p) for p in itertools.product(*(options[j] for j in combo))]
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 3), min_size=1, max_size=6), st.data())
+def test_choose_k_order_and_count_match_brute_force(option_sizes, data):
+    options = [[f"o{j}v{v}" for v in range(m)] for j, m in enumerate(option_sizes)]
+    lo = data.draw(st.integers(0, len(options)))
+    hi = data.draw(st.integers(lo, len(options)))
+    body = "|".join("{" + "|".join(o) + "}" if len(o) > 1 else o[0] for o in options)
+    assert expand(f"{{{lo}-{hi}$${body}}}") == _reference_choose(options, range(lo, hi + 1))
+
+
+def test_huge_choose_k_is_counted_and_indexed_without_walking_it():
+    node = parse_template("{8$$" + "|".join(f"w{i}" for i in range(60)) + "}")
+    assert node.count() == 2_558_620_845  # C(60, 8)
+    assert node.nth(0) == "w0, w1, w2, w3, w4, w5, w6, w7"
+    assert node.nth(node.count() - 1) == "w52, w53, w54, w55, w56, w57, w58, w59"
+    with pytest.raises(PromptSyntaxError, match="2558620845 variants"):
+        expand("{8$$" + "|".join(f"w{i}" for i in range(60)) + "}")
+    assert len(set(sample_variants("{8$$" + "|".join(f"w{i}" for i in range(60)) + "}", 5, seed=1))) == 5
+
+
+def test_deep_nesting_is_one_error_not_a_crash():
+    with pytest.raises(PromptSyntaxError, match=f"nest more than {MAX_DEPTH} deep"):
+        parse_template("{a|" * 3000 + "}" * 3000)
+    assert count_variants("{a|" * 10 + "b" + "}" * 10) == 11
+
+
+def test_wildcards_stay_inside_their_folder(tmp_path):
+    words = tmp_path / "wild"
+    words.mkdir()
+    (words / "colour.txt").write_text("red\nblue\n")
+    (tmp_path / "secret.txt").write_text("client secret\n")
+    (words / "link.txt").symlink_to(tmp_path / "secret.txt")
+    load = folder_wildcards(words)
+    assert expand("__colour__", load) == ["red", "blue"]
+    for name in ("sub/../../secret", "a/../../secret", "link"):
+        with pytest.raises(PromptSyntaxError, match="outside the wildcards folder"):
+            expand(f"a __{name}__", load)
+    with pytest.raises(PromptSyntaxError):  # not even a wildcard name
+        expand("a __../secret__", load)
+
+
+def test_special_files_as_wildcards_are_refused_at_once(tmp_path):
+    words = tmp_path / "wild"
+    words.mkdir()
+    os.mkfifo(words / "fifo.txt")  # reading it would block forever
+    (words / "zero.txt").symlink_to("/dev/zero")  # reading it never ends
+    load = folder_wildcards(words)
+    started = time.monotonic()
+    with pytest.raises(PromptSyntaxError, match="is not a regular file"):
+        expand("__fifo__", load)
+    with pytest.raises(PromptSyntaxError, match="outside the wildcards folder|is not a regular file"):
+        expand("__zero__", load)
+    assert time.monotonic() - started < 60  # a hang guard, not a speed test
