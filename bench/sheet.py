@@ -88,7 +88,7 @@ def build_run(run: Path, jobs: int) -> float:
 
 def measure(run: Path) -> dict[str, float]:
     """In this (fresh) process: time each sheet layout and the index; report peak RSS."""
-    from imagegen.sheet import SheetItem, write_index_html, write_sheets
+    from imagegen.sheets import SheetItem, write_index_html, write_sheets
 
     if hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))[:2]

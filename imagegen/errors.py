@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class ImagegenError(Exception):
     """An error to show the user as is; `exit_code` is what the CLI exits with."""
@@ -40,3 +42,23 @@ class RunLockedError(ImagegenError):
     """Another process holds the run folder's lock."""
 
     exit_code = 2
+
+
+class DiskFullError(ImagegenError):
+    """The disk filled up while writing; what was finished is kept."""
+
+
+SQLITE_FULL = 13  # sqlite3 extended error code of a full database or disk
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` means the disk is full: OSError ENOSPC, or SQLite's "database or disk is full"."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "full" in str(exc).lower()
+
+
+def disk_full(where: object, detail: str = "") -> DiskFullError:
+    """The one DiskFullError message: where, what was kept, and what to do."""
+    what = f" ({detail})" if detail else ""
+    return DiskFullError(f"{where}: disk full{what}; finished images are kept, free some space and run the same command again to resume")

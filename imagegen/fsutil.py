@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from typing import IO, Callable
 
-TMP_PREFIX = ".tmp-"
+from imagegen.defaults import TMP_PREFIX
 
 
 def temp_path(path: Path) -> Path:

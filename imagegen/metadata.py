@@ -20,10 +20,13 @@ import hashlib
 import json
 import os
 import re
+import struct
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
+from imagegen.defaults import cache_root
 from imagegen.samplers import from_infotext, lookup_sampler
 
 PARAMETERS_KEY = "parameters"
@@ -119,23 +122,87 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return out
 
 
+# --- PNG text chunks: the one reader and writer ------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_text_payload(key: str, text: str, *, compress: bool = False) -> tuple[bytes, bytes]:
+    """(chunk type, chunk data) for a text chunk, as A1111 and Pillow write them: tEXt (zTXt when
+    `compress`) when `text` is Latin-1, else iTXt (UTF-8, compressed when `compress`)."""
+    k = key.encode("latin-1")
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        body = zlib.compress(text.encode("utf-8")) if compress else text.encode("utf-8")
+        return b"iTXt", k + b"\0" + (b"\1\0" if compress else b"\0\0") + b"\0\0" + body
+    if compress:
+        return b"zTXt", k + b"\0\0" + zlib.compress(raw)
+    return b"tEXt", k + b"\0" + raw
+
+
+def png_text_chunk(key: str, text: str, *, compress: bool = False) -> bytes:
+    """A whole text chunk (see `png_text_payload`), for writers that emit PNG bytes themselves."""
+    return png_chunk(*png_text_payload(key, text, compress=compress))
+
+
+def provenance_text(provenance: dict) -> str:
+    """The `imagegen` JSON as stored in an image."""
+    return json.dumps(provenance, ensure_ascii=False, sort_keys=True)
+
+
 def png_text_chunks(parameters: str, provenance: dict) -> "Any":
-    """A PIL PngInfo with our two text chunks."""
+    """A PIL PngInfo with our two text chunks: `parameters` plain (A1111 readers), `imagegen`
+    compressed."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text(PARAMETERS_KEY, parameters)  # tEXt when latin-1, else iTXt (as A1111)
-    info.add_text(PROVENANCE_KEY, json.dumps(provenance, ensure_ascii=False, sort_keys=True), zip=True)
+    info.add(*png_text_payload(PARAMETERS_KEY, parameters))
+    info.add(*png_text_payload(PROVENANCE_KEY, provenance_text(provenance), compress=True))
     return info
 
 
 def read_png_text(path: str | Path) -> dict[str, str]:
-    """The text chunks that precede the pixel data (where we and A1111 write them), without
-    decoding the pixels. Raises OSError if the file is unreadable."""
-    from PIL import Image
+    """tEXt/zTXt/iTXt chunks of a PNG, read chunk by chunk without decoding pixels (any image size).
 
-    with Image.open(path) as im:
-        return {k: str(v) for k, v in im.info.items() if isinstance(k, str) and isinstance(v, str)}
+    Raises OSError if the file is unreadable, ValueError if it is not a PNG or a chunk is corrupt."""
+    out: dict[str, str] = {}
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            raise ValueError(f"{path}: not a PNG file")
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            n, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND"):
+                if kind == b"IEND":
+                    break
+                f.seek(n + 4, 1)
+                continue
+            data = f.read(n)
+            f.seek(4, 1)
+            try:
+                if kind == b"tEXt":
+                    k, _, v = data.partition(b"\0")
+                    out[k.decode("latin-1")] = v.decode("latin-1")
+                elif kind == b"zTXt":
+                    k, _, v = data.partition(b"\0")
+                    out[k.decode("latin-1")] = zlib.decompress(v[1:]).decode("latin-1")
+                elif kind == b"iTXt":
+                    k, _, rest = data.partition(b"\0")
+                    flag = rest[0]
+                    _lang, _, rest = rest[2:].partition(b"\0")
+                    _tk, _, v = rest.partition(b"\0")
+                    out[k.decode("latin-1")] = (zlib.decompress(v) if flag else v).decode("utf-8")
+            except (zlib.error, IndexError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path}: corrupt {kind.decode('latin-1')} chunk ({exc})") from None
+    return out
 
 
 def read_provenance(path: str | Path) -> dict | None:
@@ -153,8 +220,7 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _hash_cache_path() -> Path:
-    base = os.environ.get("IMAGEGEN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imagegen")
-    return Path(base) / "file-hashes.json"
+    return cache_root() / "file-hashes.json"
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,7 +1,10 @@
-"""Pick lists: the job indices a person keeps, as typed on the command line or in picks.txt.
+"""Pick lists: the job indices a person keeps, as typed on the command line or in picks.txt,
+and the one place that changes a run's picks (picks.txt plus the store's mirror table).
 
 picks.txt holds one job index per line; ranges such as `203-210` (inclusive), blank lines
 and `#` comments (whole-line or trailing) are allowed, so the file can be edited by hand.
+picks.txt is the source of truth; `RunStore.set_picks` keeps the manifest's `picks` table
+in step, and only this module calls it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from pathlib import Path
 
 from imagegen.errors import InputError
 from imagegen.fsutil import write_bytes_atomic
+from imagegen.store import RunStore
 
 MAX_RANGE = 1_000_000  # a range longer than this is a typo, not a pick
+PICKS_HEADER = "imagegen picks: one job index per line (ranges like 12-15 and # comments allowed)"
 
 _TOKEN = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -143,3 +148,84 @@ def write_picks(path: Path, indices: Iterable[int], *, header: str | None = None
     if indices and indices[0] < 0:
         raise ValueError(f"job indices are never negative, got {indices[0]}")
     write_bytes_atomic(Path(path), format_picks(indices, header=header, notes=notes).encode("utf-8"))
+
+
+# --- a run's picks ----------------------------------------------------------------------------
+
+
+def job_indices(store: RunStore) -> tuple[set[int], dict[str, int]]:
+    """Valid pick targets: planned job indices, and job ids mapped to their index."""
+    rows = store.rows()
+    return {r.index for r in rows}, {r.id: r.index for r in rows}
+
+
+def update_picks(store: RunStore, args: Sequence[str] = (), *, from_file: Path | None = None, remove: bool = False,
+                 clear: bool = False) -> list[int]:
+    """Change the picks, write picks.txt atomically and mirror it into the manifest.
+
+    `args` are added (or removed with `remove`); `from_file` (a list exported from index.html)
+    *replaces* the picks, since it holds the whole set chosen in the browser; `clear` empties
+    first. Raises InputError (nothing written) for an index or id that is not in the run, or a
+    `from_file` that is not a readable file."""
+    valid, ids = job_indices(store)
+    chosen = parse_pick_args(list(args), valid, ids=ids) if args else []
+    if from_file is not None:
+        if not Path(from_file).is_file():
+            raise InputError(f"pick --from: {from_file} is not a file")
+        extra = read_picks(from_file, ids=ids)
+        bad = sorted(set(extra) - valid)
+        if bad:
+            parse_pick_args([str(bad[0])], valid)  # raises the standard message
+        chosen = sorted(set(chosen) | set(extra))
+    current = set() if clear or from_file is not None else set(read_picks(store.picks_file, ids=ids))
+    new = current - set(chosen) if remove else current | set(chosen)
+    notes = {**read_pick_notes(store.picks_file), **(read_pick_notes(from_file) if from_file is not None else {})}
+    write_picks(store.picks_file, sorted(new), header=PICKS_HEADER, notes=notes)
+    store.set_picks(sorted(new))
+    return sorted(new)
+
+
+def list_picks(store: RunStore) -> list[tuple[int, str, Path | None]]:
+    """(index, job id, image path or None when not rendered yet) for each pick."""
+    rows = {r.index: r for r in store.rows()}
+    out = []
+    for i in read_picks(store.picks_file):
+        row = rows.get(i)
+        if row is None:
+            out.append((i, "?", None))
+        else:
+            out.append((i, row.id, store.folder / row.file if row.status == "done" and row.file else None))
+    return out
+
+
+def remap_picks(store: RunStore, old_ids: dict[int, str]) -> tuple[int, list[str]]:
+    """After a recipe edit moved job indices: make picks.txt name the same jobs again.
+
+    `old_ids` maps the indices picks.txt was written against to job ids. Picks of jobs no
+    longer in the recipe are dropped from the list and kept as comments. Returns (picks moved,
+    orphaned picks). A picks.txt with errors is left alone (the next `pick` reports them)."""
+    try:
+        picks = read_picks(store.picks_file)
+    except InputError:
+        return 0, []
+    if not picks:
+        return 0, []
+    new_index = {r.id: r.index for r in store.rows()}
+    kept: list[int] = []
+    orphaned: list[str] = []
+    for i in picks:
+        job_id = old_ids.get(i)
+        if job_id is None:
+            kept.append(i)
+        elif job_id in new_index:
+            kept.append(new_index[job_id])
+        else:
+            orphaned.append(f"{i} (job {job_id})")
+    moved = sum(1 for i in picks if old_ids.get(i) in new_index and new_index[old_ids[i]] != i)
+    if moved or orphaned:
+        dropped = [f"dropped pick {o}: no longer in the recipe" for o in orphaned]
+        notes = {new_index[old_ids[i]] if old_ids.get(i) in new_index else i: note
+                 for i, note in read_pick_notes(store.picks_file).items()}
+        write_picks(store.picks_file, kept, header="\n".join([PICKS_HEADER, *dropped]), notes=notes)
+        store.set_picks(sorted(set(kept)))
+    return moved, orphaned

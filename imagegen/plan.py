@@ -18,23 +18,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from imagegen.recipe import PromptVariant, Recipe
+from imagegen.recipe import LoraUse, PromptVariant, Recipe, axis_counts, lora_choices
 
 ID_LENGTH = 12
-
-# Axis keys as they appear in `Job.axes`, plans and contact-sheet legends.
-AXIS_LORA_SET = "lora_set"
-AXIS_LORA_PREFIX = "lora:"
-AXES_FIXED = ("size", "steps", "scheduler", "guidance", "prompt", "seed")
-
-
-@dataclass(frozen=True)
-class LoraUse:
-    """A LoRA applied to a job, with its weight."""
-
-    path: str
-    name: str
-    weight: float
 
 
 @dataclass(frozen=True)
@@ -65,10 +51,6 @@ class Job:
     def group_key(self) -> tuple:
         """Jobs with equal keys render in one batch group (same model state and latents shape)."""
         return (self.checkpoint, self.vae, self.loras, self.width, self.height, self.steps, self.scheduler, self.guidance, self.clip_skip)
-
-    @property
-    def lora_key(self) -> tuple[tuple[str, float], ...]:
-        return tuple((lu.path, lu.weight) for lu in self.loras)
 
     def content(self) -> dict:
         """The canonical content its id hashes (and that reproduces its image)."""
@@ -108,37 +90,6 @@ def job_id(content: dict) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:ID_LENGTH]
 
 
-def _lora_choices(recipe: Recipe) -> list[tuple[str | None, tuple[LoraUse, ...], tuple[tuple[str, str], ...]]]:
-    """Every LoRA stack the recipe sweeps: (set name, stack, axis labels)."""
-    sets = recipe.lora_sets or (None,)
-    weight_axes = [spec.weights for spec in recipe.loras]
-    out = []
-    for lora_set in sets:
-        for weights in itertools.product(*weight_axes):
-            stack = [LoraUse(s.path, s.name, w) for s, w in zip(recipe.loras, weights)]
-            labels = [(AXIS_LORA_SET, lora_set.name)] if lora_set is not None else []
-            labels += [(AXIS_LORA_PREFIX + s.name, f"{w:g}") for s, w in zip(recipe.loras, weights)]
-            if lora_set is not None:
-                stack += [LoraUse(p, n, w) for p, n, w in lora_set.loras]
-            out.append((lora_set.name if lora_set else None, tuple(stack), tuple(labels)))
-    return out
-
-
-def axis_counts(recipe: Recipe) -> list[tuple[str, int]]:
-    """(label, number of values) per axis, in plan order; their product is the job count."""
-    counts = [("LoRA sets", len(recipe.lora_sets) or 1)]
-    counts += [(f"weights of LoRA {s.name}", len(s.weights)) for s in recipe.loras]
-    counts += [
-        ("sizes", len(recipe.sizes)),
-        ("step counts", len(recipe.steps)),
-        ("schedulers", len(recipe.schedulers)),
-        ("guidance values", len(recipe.guidance)),
-        ("prompt variants", len(recipe.prompts)),
-        ("seeds", len(recipe.seeds)),
-    ]
-    return counts
-
-
 def count_jobs(recipe: Recipe) -> int:
     """The number of jobs `plan(recipe)` returns, without building them."""
     total = 1
@@ -155,7 +106,7 @@ def _prompt_label(number: int, pv: PromptVariant) -> str:
 def iter_jobs(recipe: Recipe) -> Iterator[Job]:
     """Jobs in plan order (see the module docstring)."""
     index = 0
-    for lora_set, stack, lora_labels in _lora_choices(recipe):
+    for lora_set, stack, lora_labels in lora_choices(recipe):
         for (w, h), steps, scheduler, guidance in itertools.product(recipe.sizes, recipe.steps, recipe.schedulers, recipe.guidance):
             for number, pv in enumerate(recipe.prompts, 1):
                 for seed in recipe.seeds:
@@ -183,12 +134,3 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
 def plan(recipe: Recipe) -> list[Job]:
     """Every job of the recipe, in plan order."""
     return list(iter_jobs(recipe))
-
-
-def axis_values(jobs: list[Job]) -> dict[str, list[str]]:
-    """Distinct value labels per axis key, in first-seen order."""
-    seen: dict[str, dict[str, None]] = {}
-    for job in jobs:
-        for key, label in job.axes:
-            seen.setdefault(key, {})[label] = None
-    return {key: list(vals) for key, vals in seen.items()}

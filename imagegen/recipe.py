@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from imagegen import prompts as P
-from imagegen.errors import RecipeError
+from imagegen.defaults import (
+    BUILTIN_PREFIX, DEFAULT_FORMAT, FORMATS, MAX_RENDER_SIDE, MAX_SEED, MAX_UPSCALE_SIDE, MIN_RENDER_SIDE, MIN_UPSCALE_SIDE,
+)
+from imagegen.errors import ModelError, RecipeError
+from imagegen.modelfiles import check_lora, detect_family
+from imagegen.models import BUILTIN_FAMILY, BUILTIN_MODELS, FAMILY_CHOICES, FAMILY_NAMES, default_size
 from imagegen.samplers import lookup_sampler, sampler_names
-from imagegen.upscale.plan import MAX_SIDE as UPSCALE_MAX_SIDE
 
 # --- defaults: one place, one comment each --------------------------------------------------
 DEFAULTS: dict[str, Any] = {
@@ -34,19 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,  # images per forward pass; never changes pixels, only speed
     "max_jobs": 5000,  # safety cap on the number of jobs one recipe may expand to
     "sample_seed": 0,  # seed for `sample:` prompt-variant draws
-    "upscale_format": "tif",  # tiled BigTIFF: no size limit, streams by tile
+    "upscale_format": DEFAULT_FORMAT,  # tiled BigTIFF: no size limit, streams by tile
 }
-
-FAMILIES = ("auto", "sd15", "sdxl")
-UPSCALE_FORMATS = ("tif", "png", "jpg")
-BUILTIN_PREFIX = "builtin:"
-MAX_SEED = 2**32 - 1
-MIN_SIDE, MAX_SIDE = 64, 8192
-
-# Shared with the engine, which builds these; kept here so `validate` needs no torch.
-BUILTIN_MODELS = ("tiny-sd15", "tiny-sdxl", "sd15-arch", "sdxl-arch")
-BUILTIN_FAMILY = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "sd15-arch": "sd15", "sdxl-arch": "sdxl"}
-DEFAULT_SIZE = {"sd15": (512, 512), "sdxl": (1024, 1024), "tiny": (64, 64)}
 
 SCHEMA: dict[str, Any] = {
     "name": None,
@@ -73,6 +67,10 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+# Axis keys as they appear in `Job.axes`, plans and contact-sheet legends.
+AXIS_LORA_SET = "lora_set"
+AXIS_LORA_PREFIX = "lora:"
+
 # --- the validated recipe -------------------------------------------------------------------
 
 
@@ -91,6 +89,15 @@ class LoraSet:
 
     name: str
     loras: tuple[tuple[str, str, float], ...]  # (path, name, weight)
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA applied to a job, with its weight."""
+
+    path: str
+    name: str
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -306,9 +313,9 @@ def _size(doc: _Doc):
         else:
             doc.problem(path, f"`size` must look like \"1024x768\" or [1024, 768], got {_show(value)}")
             return None
-        bad = [f"{n} {v}" for n, v in (("width", w), ("height", h)) if v % 8 or not MIN_SIDE <= v <= MAX_SIDE]
+        bad = [f"{n} {v}" for n, v in (("width", w), ("height", h)) if v % 8 or not MIN_RENDER_SIDE <= v <= MAX_RENDER_SIDE]
         if bad:
-            doc.problem(path, f"`size` {w}x{h}: {', '.join(bad)} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}")
+            doc.problem(path, f"`size` {w}x{h}: {', '.join(bad)} must be a multiple of 8 between {MIN_RENDER_SIDE} and {MAX_RENDER_SIDE}")
             return None
         return (w, h)
 
@@ -442,8 +449,8 @@ def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str
         doc.problem(("model",), f"`model` must be a mapping with `checkpoint:` (and optional `family:`, `vae:`), got {_show(raw)}")
         return "", "auto", None
     family = raw.get("family", DEFAULTS["family"])
-    if family not in FAMILIES:
-        doc.problem(("model", "family"), f"`model.family` must be one of {', '.join(FAMILIES)}, got {_show(family)}")
+    if family not in FAMILY_CHOICES:
+        doc.problem(("model", "family"), f"`model.family` must be one of {', '.join(FAMILY_CHOICES)}, got {_show(family)}")
         family = "auto"
     ckpt = raw.get("checkpoint")
     checkpoint = ""
@@ -469,9 +476,6 @@ def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str
             else:
                 # Read the family from the file's keys (header only, no torch): SD2, SD3, Flux,
                 # inpainting and refiners are refused here, before any model loads.
-                from imagegen.engine.detect import detect_family
-                from imagegen.errors import ModelError
-
                 try:
                     found = detect_family(path)
                 except ModelError as exc:
@@ -677,13 +681,13 @@ def _upscale(doc: _Doc, data: dict, base: Path) -> UpscaleSettings:
     sides = {}
     for k in ("width", "height"):
         v = raw.get(k)
-        if v is not None and (not _is_int(v) or not 16 <= v <= UPSCALE_MAX_SIDE):
-            doc.problem(p + (k,), f"`upscale.{k}` must be a whole number of pixels from 16 to {UPSCALE_MAX_SIDE}, got {_show(v)}")
+        if v is not None and (not _is_int(v) or not MIN_UPSCALE_SIDE <= v <= MAX_UPSCALE_SIDE):
+            doc.problem(p + (k,), f"`upscale.{k}` must be a whole number of pixels from {MIN_UPSCALE_SIDE} to {MAX_UPSCALE_SIDE}, got {_show(v)}")
             v = None
         sides[k] = v
     fmt = raw.get("format", DEFAULTS["upscale_format"])
-    if fmt not in UPSCALE_FORMATS:
-        doc.problem(p + ("format",), f"`upscale.format` must be one of {', '.join(UPSCALE_FORMATS)}, got {_show(fmt)}")
+    if fmt not in FORMATS:
+        doc.problem(p + ("format",), f"`upscale.format` must be one of {', '.join(FORMATS)}, got {_show(fmt)}")
         fmt = DEFAULTS["upscale_format"]
     tile = raw.get("tile")
     if tile is not None and (not _is_int(tile) or not 32 <= tile <= 4096):
@@ -715,6 +719,30 @@ def load_recipe(path: str | Path, *, allow_download: bool = False, check_files: 
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError([f"{shown}: not UTF-8 text (byte {exc.start})"]) from None
+    return _load_text(text, path, shown, allow_download=allow_download, check_files=check_files)
+
+
+DICT_SOURCE = "<dict>"  # how problems of a recipe given as Python data name their source
+
+
+def recipe_from_dict(data: Mapping[str, Any], *, base_dir: str | Path = ".", allow_download: bool = False,
+                     check_files: bool = True) -> Recipe:
+    """Validate a recipe given as Python data: the same keys and values as the YAML file.
+
+    Relative paths resolve against `base_dir`. The recipe is kept (and frozen into the run
+    folder) as the YAML text of `data`; problems name `<dict>` and the line in that text.
+    Raises RecipeError listing every problem, as `load_recipe` does."""
+    if not isinstance(data, Mapping):
+        raise RecipeError([f"{DICT_SOURCE}:1:1: a recipe must be a mapping of keys (name, model, prompt, ...), got {type(data).__name__}"])
+    try:
+        text = yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True, width=1 << 30)
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{DICT_SOURCE}:1:1: not plain data (text, numbers, lists, mappings): {' '.join(str(exc).split())}"]) from None
+    path = Path(base_dir).expanduser() / f"{DICT_SOURCE}.yaml"
+    return _load_text(text, path, DICT_SOURCE, allow_download=allow_download, check_files=check_files)
+
+
+def _load_text(text: str, path: Path, shown: str, *, allow_download: bool, check_files: bool) -> Recipe:
     doc = _Doc(shown, check_files)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -762,10 +790,10 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         doc.problem(("max_jobs",), f"`max_jobs` must be a whole number >= 1, got {_show(max_jobs)}")
         max_jobs = DEFAULTS["max_jobs"]
     seeds = _seeds(doc, data, max_jobs)
-    default_size = _default_size(checkpoint, family)
-    if "size" not in data and default_size is None and checkpoint:
+    size_default = default_size(checkpoint, family)
+    if "size" not in data and size_default is None and checkpoint:
         doc.problem((), "`size` is needed when `model.family` is auto (or set `model.family: sd15` for 512x512, `sdxl` for 1024x1024)")
-    sizes = _axis(doc, data, "size", _size(doc), default_size)
+    sizes = _axis(doc, data, "size", _size(doc), size_default)
     steps = _axis(doc, data, "steps", _int_in(doc, "steps", 1, 500), DEFAULTS["steps"])
     guidance = _axis(doc, data, "guidance", _num_in(doc, "guidance", 0.0, 50.0), DEFAULTS["guidance"])
     schedulers = _axis(doc, data, "scheduler", _scheduler(doc), DEFAULTS["scheduler"])
@@ -775,10 +803,7 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     batch_size = data.get("batch_size", DEFAULTS["batch_size"])
     if not _is_int(batch_size) or not 1 <= batch_size <= 256:
         doc.problem(("batch_size",), f"`batch_size` must be a whole number from 1 to 256, got {_show(batch_size)}")
-    if family in ("sd15", "sdxl") and doc.check_files:
-        from imagegen.engine.detect import check_lora
-        from imagegen.errors import ModelError
-
+    if family in FAMILY_NAMES and doc.check_files:
         for where, lora_file in doc.lora_files:
             try:
                 check_lora(lora_file, family)
@@ -817,35 +842,72 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         text=text,
         warnings=tuple(doc.missing),
     )
-    from imagegen.plan import axis_counts, iter_jobs  # pure; no torch
+    _check_job_count(doc, data, recipe)
+    return recipe
 
+
+def _check_job_count(doc: _Doc, data: dict, recipe: Recipe) -> None:
+    """Refuse a recipe over `max_jobs`, or one whose axes would give two jobs one id.
+
+    Counted arithmetically from the axes: no job is built. Every axis but the LoRA stacks
+    refuses repeated values itself, so two jobs can only coincide when two LoRA choices give
+    the same stack (e.g. two LoRA sets with the same LoRAs): one image, two indices."""
     counts = axis_counts(recipe)
     total = 1
     for _, n in counts:
         total *= n
-    if total > max_jobs:
+    if total > recipe.max_jobs:
         spread = " x ".join(f"{n} {label}" for label, n in counts if n > 1)
         where = ("max_jobs",) if "max_jobs" in data else ()
-        doc.problem(where, f"the recipe expands to {total} jobs ({spread}), more than `max_jobs: {max_jobs}`; raise `max_jobs` or shrink an axis")
+        doc.problem(where, f"the recipe expands to {total} jobs ({spread}), more than `max_jobs: {recipe.max_jobs}`; raise `max_jobs` or shrink an axis")
         raise RecipeError(doc.problems)
-    # Two axis values that make the same image (e.g. two LoRA sets with the same stack) would
-    # give two jobs one id: one image, two indices. Refuse rather than render half of them.
-    seen: dict[str, Any] = {}
-    for job in iter_jobs(recipe):
-        first = seen.setdefault(job.id, job)
-        if first is not job:
-            if first.lora_set != job.lora_set:
-                doc.problem(("lora_sets", job.lora_set), f"LoRA sets `{first.lora_set}` and `{job.lora_set}` give the same LoRA "
-                                                         "stack, so their jobs would be identical; remove one", key=True)
-            else:
-                doc.problem((), f"jobs {first.index} and {job.index} are identical (same model, LoRAs, prompt, seed and "
-                                "settings); remove the repeated value")
-            raise RecipeError(doc.problems)
-    return recipe
+    choices = lora_choices(recipe)
+    per_choice = total // max(1, len(choices))
+    seen: dict[tuple, int] = {}
+    for number, (lora_set, stack, _) in enumerate(choices):
+        key = tuple((lu.path, float(lu.weight)) for lu in stack)
+        first = seen.setdefault(key, number)
+        if first == number:
+            continue
+        first_set = choices[first][0]
+        if first_set != lora_set:
+            doc.problem(("lora_sets", lora_set), f"LoRA sets `{first_set}` and `{lora_set}` give the same LoRA "
+                                                 "stack, so their jobs would be identical; remove one", key=True)
+        else:
+            doc.problem((), f"jobs {first * per_choice + 1} and {number * per_choice + 1} are identical (same model, LoRAs, "
+                            "prompt, seed and settings); remove the repeated value")
+        raise RecipeError(doc.problems)
 
 
-def _default_size(checkpoint: str, family: str) -> tuple[int, int] | None:
-    """The size a recipe without `size:` renders at; None when the family is not known yet."""
-    if checkpoint.startswith(BUILTIN_PREFIX + "tiny-"):
-        return DEFAULT_SIZE["tiny"]
-    return DEFAULT_SIZE.get(family)
+# --- axes: what plan and validation both count ------------------------------------------------
+
+
+def lora_choices(recipe: Recipe) -> list[tuple[str | None, tuple[LoraUse, ...], tuple[tuple[str, str], ...]]]:
+    """Every LoRA stack the recipe sweeps, in plan order: (set name, stack, axis labels)."""
+    sets = recipe.lora_sets or (None,)
+    weight_axes = [spec.weights for spec in recipe.loras]
+    out = []
+    for lora_set in sets:
+        for weights in itertools.product(*weight_axes):
+            stack = [LoraUse(s.path, s.name, w) for s, w in zip(recipe.loras, weights)]
+            labels = [(AXIS_LORA_SET, lora_set.name)] if lora_set is not None else []
+            labels += [(AXIS_LORA_PREFIX + s.name, f"{w:g}") for s, w in zip(recipe.loras, weights)]
+            if lora_set is not None:
+                stack += [LoraUse(p, n, w) for p, n, w in lora_set.loras]
+            out.append((lora_set.name if lora_set else None, tuple(stack), tuple(labels)))
+    return out
+
+
+def axis_counts(recipe: Recipe) -> list[tuple[str, int]]:
+    """(label, number of values) per axis, in plan order; their product is the job count."""
+    counts = [("LoRA sets", len(recipe.lora_sets) or 1)]
+    counts += [(f"weights of LoRA {s.name}", len(s.weights)) for s in recipe.loras]
+    counts += [
+        ("sizes", len(recipe.sizes)),
+        ("step counts", len(recipe.steps)),
+        ("schedulers", len(recipe.schedulers)),
+        ("guidance values", len(recipe.guidance)),
+        ("prompt variants", len(recipe.prompts)),
+        ("seeds", len(recipe.seeds)),
+    ]
+    return counts

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from imagegen.errors import ImagegenError, InputError, RunLockedError
+from imagegen.errors import DiskFullError, ImagegenError, InputError, RunLockedError, disk_full, is_disk_full  # noqa: F401
 from imagegen.fsutil import fsync_dir, remove_temp_files, write_bytes_atomic
 
 IMAGE_NAME = re.compile(r"^(\d+)-([0-9a-f]{12})\.png$")
@@ -65,14 +65,6 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
-class DiskFullError(ImagegenError):
-    """The disk filled up while writing; what was finished is kept."""
-
-
-def _disk_full(exc: BaseException) -> bool:
-    return "full" in str(exc).lower() or getattr(exc, "sqlite_errorcode", None) == 13  # SQLITE_FULL
-
-
 class _Transaction:
     def __init__(self, conn: sqlite3.Connection, folder: Path) -> None:
         self.conn = conn
@@ -91,11 +83,42 @@ class _Transaction:
                 exc = commit_exc
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.OperationalError) and _disk_full(exc):
-            raise DiskFullError(f"{self.folder / MANIFEST}: disk full; free some space and run the same command again") from None
+        if isinstance(exc, sqlite3.OperationalError) and is_disk_full(exc):
+            raise disk_full(self.folder / MANIFEST) from None
         if exc_type is None:
             raise exc
         return False
+
+
+def pending_states(retry_failed: bool) -> tuple[str, ...]:
+    """The job states a render takes up: pending, and failed ones with `retry_failed`."""
+    return ("pending", "failed") if retry_failed else ("pending",)
+
+
+@dataclass
+class PendingPreview:
+    """What a render would do, worked out without touching the run folder (`--dry-run`)."""
+
+    todo: list[str]  # job ids a render would take up, in plan order
+    done: set[str]  # planned job ids already done
+    failed: set[str]  # planned job ids that failed and stay failed (no retry)
+
+
+def preview_pending(folder: Path, job_ids: Sequence[str], *, retry_failed: bool = False) -> PendingPreview:
+    """The pending logic of `RunStore.pending_ids`, against a plan that is not synced yet: a
+    job the manifest does not know is new, hence pending. Reads the manifest if there is one;
+    writes nothing, takes no lock. Raises InputError for an unreadable manifest."""
+    status: dict[str, str] = {}
+    if (Path(folder) / MANIFEST).exists():
+        store = RunStore.open(folder, create=False, lock=False)
+        try:
+            status = {row.id: row.status for row in store.rows(include_orphans=True)}
+        finally:
+            store.close()
+    states = pending_states(retry_failed)
+    todo = [i for i in job_ids if status.get(i, "pending") in states]
+    return PendingPreview(todo, {i for i in job_ids if status.get(i) == "done"},
+                          {i for i in job_ids if status.get(i) == "failed" and "failed" not in states})
 
 
 def image_name(index: int, job_id: str) -> str:
@@ -178,8 +201,8 @@ class RunStore:
                     store._check_schema()
             except sqlite3.DatabaseError as exc:
                 conn.close()
-                if _disk_full(exc):
-                    raise DiskFullError(f"{folder / MANIFEST}: disk full; free some space and run the same command again") from None
+                if is_disk_full(exc):
+                    raise disk_full(folder / MANIFEST) from None
                 raise InputError(f"{folder / MANIFEST}: not a readable imagegen manifest ({exc})") from None
         except BaseException:
             if lock_fd is not None:
@@ -367,7 +390,7 @@ class RunStore:
 
     def pending_ids(self, *, retry_failed: bool = False) -> list[str]:
         """Ids of planned jobs still to render, in index order."""
-        states = ("pending", "failed") if retry_failed else ("pending",)
+        states = pending_states(retry_failed)
         marks = ",".join("?" * len(states))
         return [r[0] for r in self._conn.execute(f"SELECT id FROM jobs WHERE in_plan = 1 AND status IN ({marks}) ORDER BY idx", states)]
 
@@ -389,9 +412,8 @@ class RunStore:
         try:
             self._conn.execute(sql, args)
         except sqlite3.OperationalError as exc:
-            if _disk_full(exc):
-                raise DiskFullError(f"{self.folder / MANIFEST}: disk full; finished images are kept, "
-                                    "free some space and run the same command again") from None
+            if is_disk_full(exc):
+                raise disk_full(self.folder / MANIFEST) from None
             raise
 
     def counts(self) -> dict[str, int]:

@@ -175,7 +175,7 @@ def make_single_file(path: str | Path, family: str, folder: str | Path | None = 
 
 def _lora_targets(family: str) -> dict[str, list[tuple[str, tuple[int, int]]]]:
     """Linear layers a LoRA trainer targets, per component: (module path, (out, in))."""
-    from imagegen.engine.detect import read_safetensors_shapes
+    from imagegen.modelfiles import read_safetensors_shapes
 
     src = tiny_folder(family)
     comps = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}

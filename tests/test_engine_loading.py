@@ -126,7 +126,7 @@ def test_shipped_configs_match_a1111_layout(family):
 
     from engine_fixtures import clip_to_ldm
     from imagegen.engine.builtin import CONFIG_DIR
-    from imagegen.engine.detect import classify_checkpoint_keys
+    from imagegen.modelfiles import classify_checkpoint_keys
 
     cfg = CONFIG_DIR / family
     unet_cfg = UNet2DConditionModel.load_config(str(cfg), subfolder="unet")

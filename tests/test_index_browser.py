@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from imagegen.picks import format_picks, read_picks
-from imagegen.sheet import SheetItem, write_index_html
+from imagegen.sheets import SheetItem, write_index_html
 from imagegen.thumbs import make_thumbnail, save_thumbnail_atomic
 
 REQUIRE = os.environ.get("IMAGEGEN_REQUIRE_BROWSER") == "1"

@@ -1,7 +1,8 @@
 import textwrap
 from pathlib import Path
 
-from imagegen.plan import axis_values, count_jobs, plan
+from imagegen.plan import count_jobs, plan
+from imagegen.sheets import axis_values
 from imagegen.recipe import load_recipe
 
 RECIPE = """

@@ -259,7 +259,7 @@ def test_cuda_oom_halves_the_batch(tmp_path):
 
 
 def test_disk_full_stops_cleanly_and_resumes(tmp_path, monkeypatch, capsys):
-    import imagegen.render as R
+    import imagegen.render.writer as R
 
     real = R.write_bytes_atomic
     calls = {"n": 0}
@@ -448,7 +448,7 @@ def test_manifest_disk_full_stops_cleanly_and_the_images_are_adopted(tmp_path):
     """SQLite's log can fill the disk before any PNG does: same clean stop, same resume."""
     import sqlite3 as sq
 
-    from imagegen.store import DiskFullError
+    from imagegen.errors import DiskFullError
 
     class FullAfter:
         def __init__(self, conn, ok_updates):

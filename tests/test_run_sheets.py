@@ -91,7 +91,7 @@ def test_pick_add_remove_clear_from_and_errors(run, tmp_path, capsys):
 
 
 def test_picks_show_in_sheet_items(run):
-    from imagegen.runsheets import sheet_items
+    from imagegen.sheets import sheet_items
     from imagegen.store import RunStore
 
     assert run_app(["pick", str(run), "2"]) == 0

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from imagegen.errors import InputError
-from imagegen.sheet import GAP, MARGIN, ROW_LABEL_WIDTH, SheetItem, write_sheets
+from imagegen.sheets import SheetItem, write_sheets
+from imagegen.sheets.layout import GAP, MARGIN, ROW_LABEL_WIDTH
 from imagegen.thumbs import THUMB_SIZE, make_thumbnail, save_thumbnail_atomic
 
 # Flat colours far from each other and from the page's white, greys and band blue.

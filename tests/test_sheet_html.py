@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from imagegen.sheet import SheetItem, write_index_html
+from imagegen.sheets import SheetItem, write_index_html
 
 NASTY = "</script><script>alert('x')</script> & \"quoted\" <b>bold</b> {{DATA}} @@CARDS@@"
 

@@ -43,8 +43,8 @@ def plan_cmd(
     allow_download: bool = typer.Option(False, "--allow-download", help="Accept hub ids as checkpoints."),
 ) -> None:
     """Show what a recipe expands to: axes, counts, total and the first jobs."""
-    from imagegen.plan import axis_counts, plan
-    from imagegen.recipe import load_recipe
+    from imagegen.plan import plan
+    from imagegen.recipe import axis_counts, load_recipe
 
     recipe = load_recipe(recipe_path, allow_download=allow_download, check_files=False)
     for warning in recipe.warnings:

@@ -161,34 +161,21 @@ class StopFlag:
 
 def _dry_run(recipe: Any, output: Path, limit: int | None, retry_failed: bool) -> None:
     from imagegen.plan import plan
-    from imagegen.store import MANIFEST, RunStore
+    from imagegen.sheets import varying_axes
+    from imagegen.store import preview_pending
 
     jobs = plan(recipe)
-    done: set[str] = set()
-    failed: set[str] = set()
-    if (output / MANIFEST).exists():
-        store = RunStore.open(output, create=False, lock=False)
-        try:
-            for row in store.rows(include_orphans=True):
-                if row.status == "done":
-                    done.add(row.id)
-                elif row.status == "failed" and not retry_failed:
-                    failed.add(row.id)
-        finally:
-            store.close()
-    todo = [j for j in jobs if j.id not in done and j.id not in failed]
+    by_id = {j.id: j for j in jobs}
+    preview = preview_pending(output, list(by_id), retry_failed=retry_failed)
+    todo = [by_id[i] for i in preview.todo]
     if limit is not None:
         todo = todo[:limit]
-    failed_note = f"{len(failed)} failed (use --retry-failed), " if failed else ""
-    typer.echo(f"{recipe.name}: {len(jobs)} jobs, {len(done & {j.id for j in jobs})} done, "
+    failed_note = f"{len(preview.failed)} failed (use --retry-failed), " if preview.failed else ""
+    typer.echo(f"{recipe.name}: {len(jobs)} jobs, {len(preview.done)} done, "
                f"{failed_note}would render {len(todo)} into {output}")
     # Every axis that varies in the plan (guidance, LoRA weights, ... as well as seed and size),
     # so no two listed jobs look alike; the prompt is shown whole enough to tell variants apart.
-    values: dict[str, set[str]] = {}
-    for j in jobs:
-        for key, label in j.axes:
-            values.setdefault(key, set()).add(label)
-    varying = [key for key, labels in values.items() if len(labels) > 1 and key != "prompt"]
+    varying = [key for key in varying_axes(jobs) if key != "prompt"]
     for j in todo[:20]:
         axes = dict(j.axes)
         shown = " ".join(f"{key}={axes[key]}" for key in varying) or f"seed={j.seed}"
@@ -277,10 +264,8 @@ def _aborted_says_how_to_resume(resume_cmd: str) -> Iterator[None]:
 
 def _render_one(recipe: Any, folder: Path, stop: "StopFlag", *, as_json: bool, wait: bool, no_sheet: bool, options: Any) -> Any:
     """Render one recipe into its locked run folder, then refresh its contact sheets."""
-    import errno
-
     from imagegen.render import render_recipe
-    from imagegen.store import DiskFullError, RunStore
+    from imagegen.store import RunStore
 
     reporter = Reporter.choose(as_json)
     store = RunStore.open(folder, wait=wait)
@@ -290,11 +275,6 @@ def _render_one(recipe: Any, folder: Path, stop: "StopFlag", *, as_json: bool, w
         if not no_sheet:
             _sheets_quietly(store)  # always: a recipe edit renames and orphans images even when nothing renders
         return summary
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise DiskFullError(f"{folder}: disk full ({exc.filename or 'writing'}); finished images are kept, "
-                                "free some space and run the same command again") from None
-        raise
     finally:
         reporter.stop()
         store.close()
@@ -316,7 +296,7 @@ def _check_device_dtype(device: str | None, dtype: str | None) -> None:
     """Bad --device/--dtype values fail before any run folder is touched (the engine's own checks)."""
     if device is None and dtype is None:
         return
-    from imagegen.engine.loading import resolve_device, resolve_dtype
+    from imagegen.devices import resolve_device, resolve_dtype
 
     resolve_dtype(dtype, resolve_device(device))
 
@@ -324,7 +304,7 @@ def _check_device_dtype(device: str | None, dtype: str | None) -> None:
 def _sheets_quietly(store: Any) -> None:
     """Refresh the contact sheets of a run; a sheet problem never fails a render."""
     try:
-        from imagegen.runsheets import write_run_sheets
+        from imagegen.sheets import write_run_sheets
 
         write_run_sheets(store)
     except ImportError:

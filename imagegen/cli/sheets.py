@@ -27,7 +27,7 @@ def sheet(
     per_page: int = typer.Option(100, "--per-page", min=1, help="Images per page at most."),
 ) -> None:
     """Write contact sheets (sheets/sheet-NN.jpg) and sheets/index.html for a run."""
-    from imagegen.runsheets import write_run_sheets
+    from imagegen.sheets import write_run_sheets
 
     store = _open(run)
     try:
@@ -51,7 +51,7 @@ def pick(
     """Add picks to the run's picks.txt, remove them, or replace them from a file; the upscale step reads it."""
     from imagegen.errors import InputError
     from imagegen.picks import format_ranges
-    from imagegen.runsheets import update_picks
+    from imagegen.picks import update_picks
 
     if not items and from_file is None and not clear:
         raise InputError("pick: give job indices (12 57 203-210), --from FILE or --clear")
@@ -70,7 +70,7 @@ def picks(
     run: Path = typer.Argument(..., metavar="RUN", help="Run folder.", show_default=False),
 ) -> None:
     """List the run's picks with their image files."""
-    from imagegen.runsheets import list_picks
+    from imagegen.picks import list_picks
 
     store = _open(run)
     try:

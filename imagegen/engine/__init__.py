@@ -11,7 +11,7 @@ first `open_engine` call.
 from __future__ import annotations
 
 from .builtin import BUILTIN_MODELS
-from .detect import check_lora, detect_family
+from ..modelfiles import check_lora, detect_family
 from .engine import Engine, EngineOOM, GenRequest, GenResult
 from .loading import open_engine
 

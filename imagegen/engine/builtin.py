@@ -19,23 +19,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd15", "tiny-sdxl", "sd15-arch", "sdxl-arch")
-BUILTIN_FAMILY = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "sd15-arch": "sd15", "sdxl-arch": "sdxl"}
+from ..defaults import cache_root
+from ..models import BUILTIN_FAMILY, BUILTIN_MODELS  # the names live in the torch-free table
+
 TINY_SEED = 20240607  # fixed: the tiny weights (and so every test image) depend on it
 TINY_VERSION = 1  # bump when the tiny configs below change; names the cache folder
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TOKENIZER_DIR = DATA / "clip-tokenizer"
 CONFIG_DIR = DATA / "configs"
-
-
-def cache_root() -> Path:
-    """`$IMAGEGEN_CACHE`, else `$XDG_CACHE_HOME/imagegen`, else `~/.cache/imagegen`."""
-    env = os.environ.get("IMAGEGEN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "imagegen"
 
 
 def _read(path: Path) -> dict:

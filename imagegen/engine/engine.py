@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ImagegenError, InputError, ModelError
 from .. import samplers
+from ..defaults import MAX_SEED
+from ..models import FAMILIES
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -55,7 +57,6 @@ class GenResult:
 
 
 _SHARED = ("width", "height", "steps", "guidance", "scheduler", "clip_skip")
-MAX_SEED = 2**64 - 1
 
 
 def diffusers_clip_skip(a1111_clip_skip: int | None) -> int | None:
@@ -90,6 +91,7 @@ class Engine:
     def __init__(self, pipeline: Any, *, family: str, device: str, dtype: str, model_name: str) -> None:
         self.pipeline = pipeline
         self.family = family
+        self.spec = FAMILIES[family]  # the family's record: what differs between SD1.5 and SDXL
         self.device = device
         self.dtype = dtype
         self.model_name = model_name
@@ -139,7 +141,7 @@ class Engine:
         `set_adapters` and fused. Raises ModelError naming a file that is missing, for the other
         family, or does not fit this model (the engine is then left with no LoRA).
         """
-        from .detect import check_lora
+        from ..modelfiles import check_lora
 
         want = tuple((str(p), float(w)) for p, w in loras)
         if want == self._loras:
@@ -249,7 +251,7 @@ class Engine:
         neg = negative if negative else None
 
         def encode(text: str | None, with_cfg: bool) -> tuple:
-            if self.family == "sdxl":
+            if self.spec.pooled_text:
                 return pipe.encode_prompt(
                     text, device=pipe._execution_device, num_images_per_prompt=1,
                     do_classifier_free_guidance=with_cfg, negative_prompt=neg, clip_skip=clip_skip,
@@ -257,12 +259,12 @@ class Engine:
             return pipe.encode_prompt(text, pipe._execution_device, 1, with_cfg, negative_prompt=neg, clip_skip=clip_skip)
 
         with torch.no_grad(), text_model_alias(pipe.text_encoder if clip_skip else None):
-            if cfg and clip_skip and (neg or self.family == "sd15"):
+            if cfg and clip_skip and (neg or not self.spec.pooled_text):
                 # diffusers applies clip skip to the prompt only; A1111 (and ComfyUI's
                 # CLIPSetLastLayer) apply it to the negative prompt as well. SDXL keeps its
                 # zero embeddings for an empty negative.
                 pos, negs = encode(prompt, False), encode(neg or "", False)
-                out = (pos[0], negs[0]) if self.family == "sd15" else (pos[0], negs[0], pos[2], negs[2])
+                out = (pos[0], negs[0], pos[2], negs[2]) if self.spec.pooled_text else (pos[0], negs[0])
             else:
                 out = encode(prompt, cfg)
         if len(self._prompt_cache) > 64:
@@ -304,7 +306,7 @@ class Engine:
             kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([e[0] for e in enc])}
             if cfg:
                 kwargs["negative_prompt_embeds"] = torch.cat([e[1] for e in enc])
-            if self.family == "sdxl":
+            if self.spec.pooled_text:
                 kwargs["pooled_prompt_embeds"] = torch.cat([e[2] for e in enc])
                 if cfg:
                     kwargs["negative_pooled_prompt_embeds"] = torch.cat([e[3] for e in enc])

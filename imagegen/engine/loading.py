@@ -15,14 +15,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..defaults import DTYPE_SHORT
+from ..devices import resolve_device, resolve_dtype
 from ..errors import InputError, ModelError
+from ..models import FAMILIES as FAMILY_RECORDS
+from ..models import FAMILY_BY_PIPELINE
 from . import builtin
-from .detect import FAMILIES, detect_family
+from ..modelfiles import FAMILIES, detect_family
 from .engine import Engine, _one_line
 
-DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
-          "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}  # fmt: skip
-_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 def go_offline() -> None:
@@ -55,35 +56,6 @@ def go_online() -> None:
             setattr(mod, "HF_HUB_OFFLINE", False)
 
 
-def resolve_device(device: str | None) -> str:
-    """`device` or the default: "cuda" when available, else "cpu". Raises InputError if unusable."""
-    import torch
-
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    dev = str(device).strip().lower()
-    try:
-        kind = torch.device(dev).type
-    except (RuntimeError, ValueError):
-        raise InputError(f"`device` {device!r} is not a torch device; use e.g. cpu, cuda, cuda:1, mps") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"`device` {device!r}: CUDA is not available on this machine (torch {torch.__version__})")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"`device` {device!r}: MPS is not available on this machine")
-    return dev
-
-
-def resolve_dtype(dtype: str | None, device: str) -> str:
-    """torch dtype name for `dtype` ("fp16", "bf16", "fp32", ...) or the device default:
-    fp16 on CUDA/MPS, fp32 on CPU. Raises InputError for other names."""
-    if dtype is None or dtype == "auto":
-        return "float32" if device.startswith("cpu") else "float16"
-    name = DTYPES.get(str(dtype).strip().lower())
-    if name is None:
-        raise InputError(f"`dtype` {dtype!r} is not supported; use fp16, bf16 or fp32")
-    return name
-
-
 def _load_vae(vae: str, family: str, torch_dtype: Any, config_dir: Path):
     from diffusers import AutoencoderKL
 
@@ -108,15 +80,13 @@ def _load_vae(vae: str, family: str, torch_dtype: Any, config_dir: Path):
 
 
 def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, FAMILY_RECORDS[family].pipeline_class)
 
 
 def _extra_kwargs(family: str) -> dict:
-    if family == "sdxl":
-        return {"add_watermarker": False}
-    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return dict(FAMILY_RECORDS[family].load_kwargs)
 
 
 def _variant(folder: Path) -> str | None:
@@ -204,7 +174,7 @@ def open_engine(
 
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    return Engine(pipe, family=fam, device=dev, dtype=_SHORT[dt_name], model_name=model_name)
+    return Engine(pipe, family=fam, device=dev, dtype=DTYPE_SHORT[dt_name], model_name=model_name)
 
 
 def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cfg_dir: Path, vae_obj: Any):
@@ -239,13 +209,11 @@ def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cf
 
     pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=torch_dtype, **extra)
     cls = type(pipe).__name__
-    fam = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}.get(cls, "")
+    fam = FAMILY_BY_PIPELINE.get(cls, "")
     if not fam:
         raise ModelError(f"{ref}: unsupported pipeline `{cls}`; supported: SD1.5 and SDXL base")
-    if fam == "sd15":
-        pipe.safety_checker = None
-    if fam == "sdxl":
-        pipe.watermark = None
+    for attr, value in FAMILY_RECORDS[fam].after_load:
+        setattr(pipe, attr, value)
     return pipe, fam
 
 

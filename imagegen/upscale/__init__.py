@@ -16,7 +16,7 @@ from imagegen.upscale.meta import allow_huge_images, read_metadata
 from imagegen.upscale.model import Upscaler, load_upscaler
 from imagegen.upscale.pipeline import upscale_image
 from imagegen.upscale.plan import PlanStep, UpscalePlan, plan_passes
-from imagegen.upscale.writers import FORMATS
+from imagegen.defaults import FORMATS
 
 # The network classes in `arch.py` and the official models each reproduces.
 ARCHITECTURES = {

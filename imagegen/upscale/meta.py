@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from imagegen.metadata import a1111_quote, read_png_text
 from imagegen.upscale.plan import UpscalePlan
 
 
@@ -41,21 +40,14 @@ def source_metadata(info: dict[str, Any]) -> tuple[str | None, dict[str, Any] | 
     return params, data
 
 
-def _quote(value: str) -> str:
-    """A1111 quoting: JSON-quote a value that holds `,`, `:`, a newline or a double quote."""
-    if any(c in value for c in ',:\n"'):
-        return json.dumps(value, ensure_ascii=False)
-    return value
-
-
 def upscale_note(name: str, short_hash: str, plan: UpscalePlan) -> str:
     """A1111-style fields appended to the `parameters` text, e.g.
     `Upscaler: RealESRGAN_x4plus, Upscaler hash: 0123456789, Upscale passes: 2 (x4 6144x4096;
     lanczos 4250x2834; x4 17000x11336; lanczos 17000x11333), Final size: 17000x11333`."""
     w, h = plan.final_size
     return (
-        f"Upscaler: {_quote(name)}, Upscaler hash: {short_hash}, "
-        f"Upscale passes: {_quote(f'{plan.passes} ({plan.note()})')}, Final size: {w}x{h}"
+        f"Upscaler: {a1111_quote(name)}, Upscaler hash: {short_hash}, "
+        f"Upscale passes: {a1111_quote(f'{plan.passes} ({plan.note()})')}, Final size: {w}x{h}"
     )
 
 
@@ -65,39 +57,6 @@ def with_note(parameters: str | None, note: str) -> str:
         return note
     text = parameters.rstrip("\n")
     return f"{text}, {note}"
-
-
-def read_png_text(path: Path) -> dict[str, str]:
-    """tEXt/iTXt/zTXt chunks of a PNG, read chunk by chunk (works for any image size)."""
-    out: dict[str, str] = {}
-    with open(path, "rb") as f:
-        if f.read(8) != b"\x89PNG\r\n\x1a\n":
-            raise ValueError(f"{path}: not a PNG file")
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                break
-            n, kind = struct.unpack(">I4s", head)
-            if kind == b"IDAT" or kind == b"IEND":
-                f.seek(n + 4, 1)
-                if kind == b"IEND":
-                    break
-                continue
-            data = f.read(n)
-            f.seek(4, 1)
-            if kind == b"tEXt":
-                k, _, v = data.partition(b"\0")
-                out[k.decode("latin-1")] = v.decode("latin-1")
-            elif kind == b"zTXt":
-                k, _, v = data.partition(b"\0")
-                out[k.decode("latin-1")] = zlib.decompress(v[1:]).decode("latin-1")
-            elif kind == b"iTXt":
-                k, _, rest = data.partition(b"\0")
-                flag, _method = rest[0], rest[1]
-                _lang, _, rest = rest[2:].partition(b"\0")
-                _tk, _, v = rest.partition(b"\0")
-                out[k.decode("latin-1")] = (zlib.decompress(v) if flag else v).decode("utf-8")
-    return out
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -6,13 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imagegen.devices import resolve_device, resolve_dtype
 from imagegen.errors import InputError, ModelError
 from imagegen.metadata import sha256_file
 from imagegen.upscale.detect import ArchSpec, detect, esrgan_to_basicsr, unwrap
 
-# Accepted `dtype` names and what they mean; None picks fp16 on CUDA and fp32 on CPU.
-DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
@@ -60,31 +58,6 @@ class Upscaler:
         with torch.inference_mode():
             out = self.module(batch.to(getattr(torch, self.dtype)))
             return out.clamp_(0, 1)
-
-
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"`device` is {device!r} but CUDA is not available on this machine; use `cpu`")
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InputError(f"`device` must be like `cpu`, `cuda` or `cuda:1`; got {device!r}") from None
-    return device
-
-
-def _resolve_dtype(dtype: str | None, device: str) -> str:
-    if dtype is None:
-        return "float16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise InputError(f"`dtype` must be one of {', '.join(sorted(set(DTYPES)))}; got {dtype!r}")
-    resolved = DTYPES[dtype]
-    if device == "cpu" and resolved == "float16":
-        raise InputError("`dtype` fp16 is not supported on CPU; use fp32 (or bf16)")
-    return resolved
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -148,8 +121,8 @@ def load_upscaler(path: str | Path, *, device: str | None = None, dtype: str | N
         raise InputError(f"`model` file not found: {path}")
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise ModelError(f"{path}: `model` must be a {', '.join(WEIGHT_SUFFIXES)} file; got {path.suffix or 'no suffix'!r}")
-    dev = _resolve_device(device)
-    dt = _resolve_dtype(dtype, dev)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, half_on_cpu=False)
     # 1. Read and unwrap the state dict.
     state = dict(unwrap(_read_state(path)))
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

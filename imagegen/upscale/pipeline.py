@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from imagegen.defaults import DEFAULT_FORMAT, FORMAT_ALIASES, JPEG_MAX_SIDE
 from imagegen.errors import InputError
 from imagegen.fsutil import write_atomic
 from imagegen.upscale.meta import allow_huge_images, source_metadata, upscale_note, with_note
@@ -17,7 +18,7 @@ from imagegen.upscale.model import Upscaler
 from imagegen.upscale.plan import UpscalePlan
 from imagegen.upscale.resize import hpass, resize_array, resize_strips, vpass
 from imagegen.upscale.tiling import Tiler, choose_config
-from imagegen.upscale.writers import FORMAT_ALIASES, JPEG_MAX_SIDE, WRITERS
+from imagegen.upscale.writers import WRITERS
 
 ALPHA_ROWS = 256  # output rows of alpha resized per Pillow call
 
@@ -92,7 +93,7 @@ def upscale_image(
     plan: UpscalePlan,
     *,
     tile: int | None = None,
-    fmt: str = "tif",
+    fmt: str = DEFAULT_FORMAT,
     progress: Callable[[int, int], None] | None = None,
     timings: dict[str, float] | None = None,
 ) -> Path:

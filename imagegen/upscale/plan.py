@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from imagegen.defaults import MAX_UPSCALE_SIDE
 from imagegen.errors import InputError
 
 # Largest linear overshoot of the last pass accepted before the intermediate is shrunk first
 # (1.25 = at most ~1.56x the target's pixels computed by the biggest pass).
 OVERSHOOT_LIMIT = 1.25
-# Outputs above this many pixels per side are refused (TIFF/PNG could go further; no client needs it).
-MAX_SIDE = 65_000  # longest output side; recipes share this limit (a 17000-px delivery is the usual case)
 
 
 @dataclass(frozen=True)
@@ -93,15 +92,15 @@ def plan_passes(
     """Plan model passes and resizes from `width`x`height` to the requested size.
 
     Exactly one of `scale` (>= 1), `target_width`, `target_height` is given; the other side keeps
-    the aspect ratio. Raises `InputError` for a bad request or an output side over `MAX_SIDE`.
+    the aspect ratio. Raises `InputError` for a bad request or an output side over `MAX_UPSCALE_SIDE`.
     """
     if width < 1 or height < 1:
         raise InputError(f"source size must be positive; got {width}x{height}")
     if model_scale < 1:
         raise InputError(f"`model_scale` must be >= 1; got {model_scale}")
     tw, th = _target(width, height, scale, target_width, target_height)
-    if max(tw, th) > MAX_SIDE:
-        raise InputError(f"target size {tw}x{th} is too large: imagegen makes at most {MAX_SIDE} px per side in "
+    if max(tw, th) > MAX_UPSCALE_SIDE:
+        raise InputError(f"target size {tw}x{th} is too large: imagegen makes at most {MAX_UPSCALE_SIDE} px per side in "
                          "every format (the passes before the last are held in memory as 8-bit images, and few "
                          "editors open larger files), though BigTIFF itself could hold more")
     factor = max(tw / width, th / height)

@@ -25,7 +25,9 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 
+from imagegen.defaults import JPEG_MAX_SIDE
 from imagegen.errors import InputError
+from imagegen.metadata import png_chunk, png_text_chunk
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,11 +39,8 @@ ENCODE_THREADS = max(1, min(8, os.cpu_count() or 1))  # threads compressing TIFF
 PNG_LEVEL = 6  # zlib level for PNG IDAT
 PNG_IDAT_BYTES = 1 << 20  # flush compressed data in IDAT chunks of about this size
 JPEG_QUALITY = 95
-JPEG_MAX_SIDE = 65500  # JPEG stores sides in 16 bits
 TAG_PARAMETERS = 65000  # private TIFF tag: `parameters` text, UTF-8
 TAG_IMAGEGEN = 65001  # private TIFF tag: `imagegen` JSON, UTF-8
-FORMATS = ("tif", "png", "jpg")
-FORMAT_ALIASES = {"tif": "tif", "tiff": "tif", "png": "png", "jpg": "jpg", "jpeg": "jpg"}
 
 
 def _tiles(strips: Iterable[np.ndarray], width: int, height: int, channels: int) -> Iterator[np.ndarray]:
@@ -145,18 +144,6 @@ def write_tiff(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: in
     )
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_text_chunk(key: str, text: str) -> bytes:
-    """tEXt when `text` is Latin-1, else an uncompressed iTXt (UTF-8)."""
-    try:
-        return _chunk(b"tEXt", key.encode("latin-1") + b"\0" + text.encode("latin-1"))
-    except UnicodeEncodeError:
-        return _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8"))
-
-
 def _paeth(rows: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
     """Paeth-filter `rows` (n x W*C uint8) given the row above the first; returns n x (1 + W*C)."""
     x = rows.astype(np.int16)
@@ -179,7 +166,7 @@ def write_png(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int
     """8-bit RGB/RGBA PNG streamed from strips, text chunks before the image data."""
     f.write(b"\x89PNG\r\n\x1a\n")
     color_type = {3: 2, 4: 6}[channels]
-    f.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)))
+    f.write(png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)))
     if parameters:
         f.write(png_text_chunk("parameters", parameters))
     if imagegen is not None:
@@ -203,14 +190,14 @@ def write_png(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int
     ):
         pending += data
         while len(pending) >= PNG_IDAT_BYTES:
-            f.write(_chunk(b"IDAT", bytes(pending[:PNG_IDAT_BYTES])))
+            f.write(png_chunk(b"IDAT", bytes(pending[:PNG_IDAT_BYTES])))
             del pending[:PNG_IDAT_BYTES]
     pending += comp.flush()
     if rows_seen != height:
         raise ValueError(f"strips gave {rows_seen} rows, expected {height}")
     for i in range(0, len(pending), PNG_IDAT_BYTES):
-        f.write(_chunk(b"IDAT", bytes(pending[i : i + PNG_IDAT_BYTES])))
-    f.write(_chunk(b"IEND", b""))
+        f.write(png_chunk(b"IDAT", bytes(pending[i : i + PNG_IDAT_BYTES])))
+    f.write(png_chunk(b"IEND", b""))
 
 
 def write_jpeg(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int, channels: int,

@@ -1,5 +1,5 @@
 """Tell which model family a checkpoint, diffusers folder or LoRA belongs to, from its keys and
-shapes alone. Torch-free: a `.safetensors` header is JSON, read without loading any tensor.
+shapes alone (recipe validation and the engine both call this). Torch-free: a `.safetensors` header is JSON, read without loading any tensor.
 
 diffusers' own inference quietly falls back to SD1.5 for files it does not recognise, so we look
 first and refuse anything that is not an SD1.5 or SDXL base model, saying what we saw.
@@ -12,9 +12,11 @@ import re
 import struct
 from pathlib import Path
 
-from ..errors import ModelError
+from imagegen.defaults import BUILTIN_PREFIX
+from imagegen.errors import ModelError
+from imagegen.models import BUILTIN_FAMILY, FAMILY_NAMES, SD15, SDXL
 
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl")
+FAMILIES: tuple[str, ...] = FAMILY_NAMES
 
 _UNET = "model.diffusion_model."
 _MAX_HEADER = 100 * 1024 * 1024
@@ -71,9 +73,8 @@ def classify_checkpoint_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[str | 
     conv_in = shapes.get(_UNET + "input_blocks.0.0.weight")
     in_ch = conv_in[1] if conv_in and len(conv_in) == 4 else None
     ctx = _context_dim(shapes)
-    clip_l_sd1 = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    clip_l_xl = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
-    open_clip_xl = "conditioner.embedders.1.model.token_embedding.weight"
+    (clip_l_sd1,) = SD15.detection_keys
+    clip_l_xl, open_clip_xl = SDXL.detection_keys
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         return None, "an SDXL refiner (OpenCLIP-G text encoder only)"
     if has("cond_stage_model.model."):
@@ -137,13 +138,11 @@ def detect_family(path: str | Path) -> str:
     Raises ModelError for a missing path, an unreadable file, or anything else (SD2, SD3, Flux,
     inpainting, SDXL refiner, a LoRA or VAE, unknown), saying what was detected.
     """
-    if str(path).startswith("builtin:"):
-        from .builtin import BUILTIN_FAMILY
-
+    if str(path).startswith(BUILTIN_PREFIX):
         name = str(path).split(":", 1)[1]
         if name not in BUILTIN_FAMILY:
             raise ModelError(f"unknown builtin model {str(path)!r}; available: "
-                             + ", ".join("builtin:" + n for n in BUILTIN_FAMILY))  # fmt: skip
+                             + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_FAMILY))  # fmt: skip
         return BUILTIN_FAMILY[name]
     p = Path(path)
     if p.is_dir():
@@ -169,7 +168,7 @@ def detect_family(path: str | Path) -> str:
 
 _NON_SD_LORA = re.compile(r"(double_blocks|single_blocks|joint_blocks|single_transformer_blocks|^transformer\.)")
 # Cross-attention key input width of the real models; SD2 (1024) is rejected.
-_CONTEXT_DIMS = {768: "sd15", 2048: "sdxl"}
+_CONTEXT_DIMS = {SD15.context_dim: "sd15", SDXL.context_dim: "sdxl"}
 # Blocks that exist with attention in one family only (diffusers and kohya spellings).
 _SD15_ONLY = re.compile(
     r"(down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|input_blocks[._][12][._]1[._]"

@@ -17,16 +17,8 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
 
-from imagegen.sheet import (
-    MISSING,
-    SheetItem,
-    axis_values,
-    caption_axes,
-    caption_for,
-    list_sheets,
-    varying_axes,
-)
 from imagegen.fsutil import write_bytes_atomic
+from imagegen.sheets.items import MISSING, SheetItem, axis_values, caption_axes, caption_for, list_sheets, varying_axes
 
 INDEX_NAME = "index.html"
 TEMPLATE = "sheet_index.html"  # under imagegen/templates/

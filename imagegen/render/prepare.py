@@ -1,0 +1,80 @@
+"""Run preparation: make the run folder agree with the plan before anything heavy loads.
+
+plan -> freeze the recipe -> sync the manifest -> reconcile files after a crash -> remap picks
+-> the pending jobs (with `--limit`) and the start event's figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagegen.metadata import read_provenance
+from imagegen.picks import remap_picks
+from imagegen.plan import Job, plan
+from imagegen.recipe import Recipe
+from imagegen.store import RunStore
+
+
+@dataclass
+class PreparedRun:
+    """What a render starts from: every planned job, the pending ones, and what preparing did."""
+
+    jobs: list[Job]
+    pending: list[Job]
+    left: int  # pending jobs held back by `limit`
+    start_event: dict
+
+
+def remake_thumbnail(image_path: Path, thumb_path: Path) -> None:
+    """Rebuild a thumbnail a crash left out (the only time a full render is decoded again)."""
+    from PIL import Image
+
+    from imagegen.thumbs import make_thumbnail, save_thumbnail_atomic
+
+    with Image.open(image_path) as im:
+        save_thumbnail_atomic(make_thumbnail(im.convert("RGB")), thumb_path)
+
+
+def verify_image(path: Path, job_id: str) -> bool:
+    """True when `path` is a complete PNG of ours for `job_id` (used to adopt files after a crash)."""
+    prov = read_provenance(path)
+    if not prov or prov.get("id") != job_id:
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:
+        return False
+
+
+def prepare_run(recipe: Recipe, store: RunStore, *, retry_failed: bool = False, limit: int | None = None) -> PreparedRun:
+    """Plan the recipe and bring the run folder in line with it (recipe copy, manifest, files
+    a crash left, picks whose indices moved). Raises DiskFullError when the manifest cannot
+    be written."""
+    jobs = plan(recipe)
+    by_id = {j.id: j for j in jobs}
+    store.freeze_recipe(recipe.text, recipe.sha256, recipe.name)
+    store.set_meta("upscale", json.dumps(dataclasses.asdict(recipe.upscale)))  # paths already absolute
+    old_ids = {r.index: r.id for r in store.rows()}
+    sync = store.sync_plan([j.to_dict() for j in jobs])
+    rec = store.reconcile(verify=verify_image)
+    picks_moved, picks_orphaned = remap_picks(store, old_ids)
+    for _, image_path, thumb_path in rec.missing_thumbs:
+        remake_thumbnail(image_path, thumb_path)
+    pending = [by_id[i] for i in store.pending_ids(retry_failed=retry_failed)]
+    counts = store.counts()
+    left = 0
+    if limit is not None:
+        left = max(0, len(pending) - limit)
+        pending = pending[:limit]
+    start = {"event": "start", "recipe": recipe.name, "folder": str(store.folder), "planned": len(jobs), "done": counts["done"],
+             "failed": counts["failed"], "to_render": len(pending), "new": sync["new"], "orphaned": sync["orphaned"],
+             "adopted": rec.adopted, "temp_removed": rec.temp_removed, "reset_missing": rec.reset_missing,
+             "renamed": rec.renamed, "untracked": rec.untracked, "picks_moved": picks_moved, "picks_orphaned": picks_orphaned}
+    return PreparedRun(jobs, pending, left, start)

@@ -1,0 +1,245 @@
+"""Render a recipe's pending jobs into its run folder.
+
+    prepare (plan, sync, reconcile, pending) -> engine batches -> writer threads -> manifest
+
+No printing here: progress goes out as event dicts to `on_event`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from imagegen.errors import ImagegenError, disk_full, is_disk_full
+from imagegen.plan import Job
+from imagegen.recipe import Recipe
+from imagegen.render.batching import Batches
+from imagegen.render.prepare import prepare_run
+from imagegen.render.writer import ImageWriter, file_hashes, job_parameters, job_provenance
+from imagegen.store import RunStore
+
+Event = dict[str, Any]
+
+
+@dataclass
+class RenderOptions:
+    device: str | None = None
+    dtype: str | None = None
+    limit: int | None = None  # render at most this many pending jobs
+    retry_failed: bool = False
+    batch_size: int | None = None  # overrides the recipe's batch_size
+    allow_download: bool = False
+    refresh_every: float = 600.0  # seconds between `on_refresh` calls during a long render
+
+
+@dataclass
+class RenderSummary:
+    recipe: str
+    folder: str
+    planned: int
+    already_done: int = 0
+    rendered: int = 0
+    failed: int = 0
+    left: int = 0  # pending jobs not attempted (limit, interrupt, disk full)
+    seconds: float = 0.0
+    interrupted: str | None = None
+    aborted: bool = False  # a second Ctrl-C: stopped at once, the batch being generated was dropped
+    batch_size: int = 0
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rendered / self.seconds if self.seconds > 0 else 0.0
+
+
+def render_recipe(
+    recipe: Recipe,
+    store: RunStore,
+    *,
+    options: RenderOptions | None = None,
+    on_event: Callable[[Event], None] = lambda e: None,
+    should_stop: Callable[[], str | None] = lambda: None,
+    on_refresh: Callable[[], None] | None = None,
+    open_engine: Callable[..., Any] | None = None,
+) -> RenderSummary:
+    """Render the recipe's pending jobs into `store`; returns a summary.
+
+    `should_stop()` returns a reason (e.g. "SIGTERM") to stop after the current batch; what
+    is generated is still written. Raises DiskFullError when the disk fills (finished images
+    are kept and recorded), ModelError / InputError for unusable models."""
+    try:
+        return _render(recipe, store, options or RenderOptions(), on_event, should_stop, on_refresh, open_engine)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(store.folder, exc.filename or "writing") from None
+        raise
+
+
+def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Callable[[Event], None],
+            should_stop: Callable[[], str | None], on_refresh: Callable[[], None] | None,
+            open_engine: Callable[..., Any] | None) -> RenderSummary:
+    started = time.monotonic()
+
+    def emit(event: Event) -> None:
+        event = {"ts": round(time.time(), 3), **event}  # the same stamp in log.jsonl and on --json stdout
+        try:
+            store.log(event)
+        except OSError:
+            pass  # a full disk must not hide the real event
+        on_event(event)
+
+    # 1. Plan, and make the run folder agree with it.
+    run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit)
+    summary = RenderSummary(recipe.name, str(store.folder), len(run.jobs), already_done=run.start_event["done"], left=run.left)
+    emit(run.start_event)
+    if not run.pending:
+        summary.seconds = time.monotonic() - started
+        emit({"event": "finish", **_summary_event(summary)})
+        return summary
+
+    # 2. Check every file before loading anything heavy, then load the model once.
+    engine, hashes = _load(recipe, run.pending, opts, emit, open_engine)
+    batches = Batches(run.pending, opts.batch_size or recipe.batch_size)
+    emit({"event": "loaded", "model": engine.model_name, "family": engine.family, "device": engine.device, "dtype": engine.dtype,
+          "seconds": round(time.monotonic() - started, 2), "batch_size": batches.batch_size})
+
+    # 3. Batches through the engine; images to the writer threads.
+    def written(job: Job, seconds: float, path: Any) -> None:
+        summary.rendered += 1
+        emit({"event": "image", "index": job.index, "id": job.id, "seconds": round(seconds, 4), "file": str(path)})
+
+    def fail(job: Job, error: str, seconds: float | None) -> None:
+        store.mark_failed(job.id, error, seconds)
+        summary.failed += 1
+        summary.failures.append((job.index, error))
+        emit({"event": "failed", "index": job.index, "id": job.id, "error": error})
+
+    writer = ImageWriter(store, written)
+    to_render = len(run.pending)
+    render_start = last_refresh = time.monotonic()
+
+    def emit_progress() -> None:
+        """One event after each step that finished images: reporters print from this, so a line
+        always shows every image finished so far (not the first of a batch)."""
+        emit({"event": "progress", "rendered": summary.rendered, "failed": summary.failed, "to_render": to_render,
+              "seconds": round(time.monotonic() - render_start, 3)})
+
+    def harvest(block: bool) -> None:
+        before = summary.rendered
+        writer.harvest(block, backlog=4 * batches.batch_size)
+        if summary.rendered != before:
+            emit_progress()
+
+    stop_reason: str | None = None
+    scheduler_configs: dict[str, dict] = {}
+    current_key = None
+    try:
+        while batches:
+            stop_reason = should_stop()
+            if stop_reason or writer.full_disk:
+                break
+            batch = batches.next()
+            if batch[0].group_key != current_key:
+                engine.set_loras([(lu.path, lu.weight) for lu in batch[0].loras])
+                current_key = batch[0].group_key
+            harvest(block=False)  # writes of the last batch that finished meanwhile count before the next one
+            submitted = _render_batch(batch, recipe, engine, hashes, batches, writer, fail, emit, scheduler_configs)
+            if submitted is None:
+                continue
+            if not submitted:
+                emit_progress()  # a batch of failures moves the count too
+            harvest(block=False)
+            if on_refresh and time.monotonic() - last_refresh > opts.refresh_every:
+                harvest(block=True)
+                on_refresh()
+                last_refresh = time.monotonic()
+        summary.left += len(batches)
+    except KeyboardInterrupt:
+        # A second Ctrl-C: the batch being generated is dropped, what is generated is still written.
+        summary.interrupted, summary.aborted = "SIGINT", True
+        raise
+    finally:
+        try:
+            harvest(block=True)
+        finally:
+            writer.close()
+            summary.left += writer.left
+            summary.seconds = time.monotonic() - render_start
+            summary.batch_size = batches.batch_size
+            if summary.aborted:
+                summary.left = to_render - summary.rendered - summary.failed
+                emit({"event": "finish", **_summary_event(summary)})
+    summary.interrupted = stop_reason
+    emit({"event": "finish", **_summary_event(summary)})
+    if writer.full_disk:
+        raise disk_full(store.folder, f"{summary.rendered} images finished and kept, {summary.left} left")
+    return summary
+
+
+def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callable[[Event], None],
+          open_engine: Callable[..., Any] | None) -> tuple[Any, dict[str, str | None]]:
+    """Check every LoRA against the model family, hash the files, load the model once."""
+    from imagegen.engine import check_lora
+    from imagegen.engine import open_engine as default_open
+
+    # The recipe read the family from the checkpoint's keys; only a hub id is known once loaded.
+    family = recipe.family if recipe.family != "auto" else None
+    lora_files = sorted({lu.path for j in pending for lu in j.loras})
+    for path in lora_files if family else ():
+        check_lora(path, family)
+    hashes = file_hashes(pending)
+    emit({"event": "loading", "model": recipe.checkpoint})
+    engine = (open_engine or default_open)(recipe.checkpoint, family=recipe.family, vae=recipe.vae, device=opts.device,
+                                           dtype=opts.dtype, allow_download=opts.allow_download)
+    for path in lora_files if not family else ():
+        check_lora(path, engine.family)
+    return engine, hashes
+
+
+def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[str, str | None], batches: Batches,
+                  writer: ImageWriter, fail: Callable[[Job, str, float | None], None], emit: Callable[[Event], None],
+                  scheduler_configs: dict[str, dict]) -> int | None:
+    """Generate one batch and queue its images for writing; returns how many were queued. None
+    when nothing was generated (out of memory: halved and queued again, or failed at batch
+    size 1; or the batch raised)."""
+    from imagegen.engine import EngineOOM, GenRequest
+
+    requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip)
+                for j in batch]
+    t0 = time.monotonic()
+    try:
+        results = engine.generate(requests)
+    except EngineOOM:
+        if batches.out_of_memory(batch):
+            emit({"event": "oom", "batch_size": batches.batch_size,
+                  "message": f"CUDA out of memory: batch size halved to {batches.batch_size}"})
+        else:
+            for j in batch:
+                fail(j, "CUDA out of memory at batch size 1", None)
+        return None
+    except ImagegenError:
+        raise
+    except Exception as exc:  # one bad batch does not stop the run
+        for j in batch:
+            fail(j, f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}", None)
+        return None
+    per_image = (time.monotonic() - t0) / len(batch)
+    submitted = 0
+    for job, result in zip(batch, results):
+        if result.error or result.image is None:
+            fail(job, result.error or "no image returned", per_image)
+            continue
+        if job.scheduler not in scheduler_configs:
+            scheduler_configs[job.scheduler] = engine.scheduler_config(job.scheduler)
+        params = job_parameters(job, hashes, engine.model_name)
+        prov = job_provenance(job, recipe, hashes, engine, per_image, scheduler_configs[job.scheduler])
+        writer.submit(job, result.image, params, prov, per_image)
+        submitted += 1
+    return submitted
+
+
+def _summary_event(s: RenderSummary) -> Event:
+    return {"recipe": s.recipe, "folder": s.folder, "planned": s.planned, "already_done": s.already_done, "rendered": s.rendered,
+            "failed": s.failed, "left": s.left, "seconds": round(s.seconds, 2), "images_per_second": round(s.images_per_second, 3),
+            "interrupted": s.interrupted, "aborted": s.aborted, "batch_size": s.batch_size}

@@ -1,0 +1,150 @@
+"""The image writer: PNG with metadata and thumbnail, encoded in threads beside the GPU loop.
+
+The GPU loop never waits on PNG encoding: finished images go to a pool of writer threads
+that encode the PNG with its metadata, make the thumbnail from the image in memory, and
+write both atomically; the main thread records them in the manifest between batches
+(`ImageWriter.harvest`). A full disk stops the run cleanly: what is on disk is kept.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import hashlib
+import io
+import os
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from imagegen import __version__
+from imagegen.errors import DiskFullError, ImagegenError, is_disk_full
+from imagegen.metadata import format_parameters, png_text_chunks, sha256_file
+from imagegen.plan import Job
+from imagegen.recipe import Recipe
+from imagegen.fsutil import write_bytes_atomic
+from imagegen.store import RunStore, image_name, thumb_name
+
+WRITER_THREADS = max(1, min(4, (os.cpu_count() or 2)))  # PNG encoders running beside the GPU
+PNG_COMPRESS_LEVEL = 6  # zlib level: PIL's default; level 9 costs ~3x the time for ~2% size
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that decide the pixels."""
+    import importlib.metadata as md
+
+    versions: dict[str, str | None] = {}
+    for pkg in ("torch", "diffusers", "transformers", "peft"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return versions
+
+
+def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None], engine: Any, seconds: float,
+                   scheduler_config: dict | None = None) -> dict:
+    """The `imagegen` JSON stored in each PNG: enough to reproduce and audit the image."""
+    return {
+        "imagegen": __version__,
+        "recipe": {"name": recipe.name, "sha256": recipe.sha256, "path": str(recipe.path), "text": recipe.text} if recipe else None,
+        "index": job.index,
+        "id": job.id,
+        "family": job.family,
+        "content": job.content(),
+        "axes": dict(job.axes),
+        "model": {"checkpoint": job.checkpoint, "sha256": hashes.get(job.checkpoint), "vae": job.vae,
+                  "vae_sha256": hashes.get(job.vae) if job.vae else None},
+        "loras": [{"name": lu.name, "path": lu.path, "weight": lu.weight, "sha256": hashes.get(lu.path)} for lu in job.loras],
+        "scheduler_config": scheduler_config if scheduler_config is not None else engine.scheduler_config(job.scheduler),
+        "versions": library_versions(),
+        "device": engine.device,
+        "dtype": engine.dtype,
+        "seconds": round(seconds, 4),
+        "rendered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def job_parameters(job: Job, hashes: dict[str, str | None], model_name: str) -> str:
+    """The A1111 `parameters` text for a job."""
+    return format_parameters(
+        prompt=job.prompt, negative=job.negative, steps=job.steps, scheduler=job.scheduler, guidance=job.guidance, seed=job.seed,
+        width=job.width, height=job.height, model_name=model_name, model_hash=hashes.get(job.checkpoint),
+        loras=[(lu.name, lu.weight, hashes.get(lu.path)) for lu in job.loras], clip_skip=job.clip_skip,
+        version=f"imagegen {__version__}",
+    )
+
+
+def encode_png(image: Any, parameters: str, provenance: dict) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_text_chunks(parameters, provenance), compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def _write_job(store: RunStore, job: Job, image: Any, parameters: str, provenance: dict) -> tuple[Path, str, Path]:
+    """Writer thread: PNG with metadata and its thumbnail, both atomic. Returns (png, sha256, thumb)."""
+    from imagegen.thumbs import make_thumbnail, save_thumbnail_atomic
+
+    data = encode_png(image, parameters, provenance)
+    path = store.images / image_name(job.index, job.id)
+    write_bytes_atomic(path, data)
+    thumb = store.thumbs / thumb_name(job.index, job.id)
+    save_thumbnail_atomic(make_thumbnail(image), thumb)
+    return path, hashlib.sha256(data).hexdigest(), thumb
+
+
+def file_hashes(jobs: Iterable[Job]) -> dict[str, str | None]:
+    """sha256 of every model, VAE and LoRA file the jobs use (cached across runs)."""
+    out: dict[str, str | None] = {}
+    for job in jobs:
+        for ref in (job.checkpoint, job.vae, *(lu.path for lu in job.loras)):
+            if ref and ref not in out:
+                out[ref] = sha256_file(ref) if Path(ref).exists() else None
+    return out
+
+
+class ImageWriter:
+    """Writer threads for one render: `submit` queues an image, `harvest` records what is written.
+
+    `on_written(job, seconds, path)` is called for each image recorded in the manifest. After a
+    full disk (while writing a file or the manifest) further images are not recorded: `full_disk`
+    holds what happened, `left` counts the images given up (the next start adopts or redoes them)."""
+
+    def __init__(self, store: RunStore, on_written: Callable[[Job, float, Path], None], *, threads: int = WRITER_THREADS) -> None:
+        self.store = store
+        self.on_written = on_written
+        self.full_disk: list[str] = []
+        self.left = 0
+        self._pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imagegen-writer")
+        self._inflight: deque[tuple[Job, float, cf.Future]] = deque()
+
+    def submit(self, job: Job, image: Any, parameters: str, provenance: dict, seconds: float) -> None:
+        self._inflight.append((job, seconds, self._pool.submit(_write_job, self.store, job, image, parameters, provenance)))
+
+    def harvest(self, block: bool, backlog: int = 0) -> None:
+        """Record finished writes in order; with `block`, wait for all. Also waits while more than
+        `backlog` images are queued (bounds the memory held by images not yet written)."""
+        store = self.store
+        while self._inflight and (block or self._inflight[0][2].done() or len(self._inflight) > backlog):
+            job, seconds, fut = self._inflight.popleft()
+            try:
+                path, sha, thumb = fut.result()
+            except OSError as exc:
+                if is_disk_full(exc) or self.full_disk:  # after a full disk, the next start sorts it out
+                    self.full_disk.append(f"{store.images}: {exc.strerror or exc}")
+                    self.left += 1
+                    continue
+                raise ImagegenError(f"cannot write {store.images / image_name(job.index, job.id)}: {exc.strerror or exc}") from None
+            try:
+                store.mark_done(job.id, file=path, sha256=sha, thumb=thumb, seconds=seconds)
+            except DiskFullError as exc:  # the image is on disk; the next start adopts it
+                self.full_disk.append(exc.message)
+                self.left += 1
+                continue
+            self.on_written(job, seconds, path)
+
+    def close(self) -> None:
+        """Stop the threads (after `harvest(block=True)` has recorded what they wrote)."""
+        self._pool.shutdown(wait=True)

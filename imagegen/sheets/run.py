@@ -1,0 +1,40 @@
+"""A run folder's sheets: `SheetItem`s from the manifest, then the pages and index.html. No torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from imagegen.picks import read_picks
+from imagegen.sheets.drawing import write_sheets
+from imagegen.sheets.html import write_index_html
+from imagegen.sheets.items import SheetItem
+from imagegen.store import RunStore, image_name, thumb_name
+
+
+def sheet_items(store: RunStore, picks: Sequence[int] | None = None) -> list[SheetItem]:
+    """One item per finished, planned job, in index order. Raises InputError for a picks.txt
+    with errors (when `picks` is not given)."""
+    picked = set(read_picks(store.picks_file) if picks is None else picks)
+    items = []
+    for row in store.rows(status="done"):
+        axes = dict(row.job.get("axes") or {})
+        items.append(SheetItem(
+            index=row.index, job_id=row.id,
+            thumb=store.folder / (row.thumb or f"thumbs/{thumb_name(row.index, row.id)}"),
+            image=store.folder / (row.file or f"images/{image_name(row.index, row.id)}"),
+            axes=axes, picked=row.index in picked,
+        ))
+    return items
+
+
+def write_run_sheets(store: RunStore, *, by: str | None = None, x: str | None = None, y: str | None = None,
+                     max_per_page: int = 100) -> tuple[list[Path], Path]:
+    """Write sheets/sheet-NN.jpg and sheets/index.html for a run; returns (pages, index).
+
+    Raises InputError for an unknown axis name."""
+    items = sheet_items(store)
+    title = store.get_meta("recipe_name") or store.folder.name
+    pages = write_sheets(items, store.sheets, title=title, by=by, x=x, y=y, max_per_page=max_per_page)
+    index = write_index_html(items, store.sheets, title=title)
+    return pages, index
