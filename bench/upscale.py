@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Network shapes by name: constructor kwargs for imagegen.upscale.arch.
+# Network shapes by name: constructor kwargs for the networks in imagegen.upscale.archs.
 ARCHS = {
     "compact-small": ("SRVGGNetCompact", dict(num_feat=16, num_conv=4, scale=4)),
     "general-x4v3": ("SRVGGNetCompact", dict(num_feat=64, num_conv=32, scale=4)),
@@ -70,7 +70,8 @@ def main() -> None:
     import torch
 
     from imagegen.upscale import load_upscaler, plan_passes, upscale_image
-    from imagegen.upscale import arch as archs
+    from imagegen.upscale.archs.compact.net import SRVGGNetCompact
+    from imagegen.upscale.archs.rrdbnet.net import RRDBNet
 
     w, h = map(int, args.src.split("x"))
     tmp = tempfile.TemporaryDirectory()
@@ -81,7 +82,7 @@ def main() -> None:
     # 1. Random weights in the BasicSR layout, loaded through the real loader.
     torch.manual_seed(0)
     cls_name, kwargs = ARCHS[args.arch]
-    net = getattr(archs, cls_name)(**kwargs)
+    net = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}[cls_name](**kwargs)
     for p in net.parameters():  # keep activations in range like a trained net
         p.data.mul_(0.1)
     weights = folder / f"bench-{args.arch}.pth"
@@ -91,7 +92,7 @@ def main() -> None:
     src = folder / "src.png"
     source_image(w, h, src)
     plan = plan_passes(w, h, up.scale, target_width=args.width)
-    print(f"device {up.device} {up.dtype}; model {up.spec.describe()}")
+    print(f"device {up.device} {up.dtype}; model {up.describe()}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(plan.describe())
 

@@ -8,7 +8,7 @@ import torch
 
 from imagegen.api import load_recipe, pick, plan, render, sheet, status, upscale
 from imagegen.errors import ImagegenError
-from imagegen.upscale.arch import SRVGGNetCompact
+from imagegen.upscale.archs.compact.net import SRVGGNetCompact
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
 

@@ -2,7 +2,9 @@
 
     from imagegen.api import load_recipe, plan, render, status, pick, sheet, upscale
 
-Each function is one arrow of the data flow and calls the same code as the matching command.
+Each function is one arrow of the data flow and calls the same code as the matching command
+(the CLI's `status`, `pick` and `sheet` call these). `status`, `pick` and `sheet` take no lock:
+they work while a render writes into the same folder.
 Nothing here prints; errors are `imagegen.errors.ImagegenError` subclasses with a one-line
 message (`RecipeError` lists every problem of a recipe). torch loads only when `render` or
 `upscale` loads a model.
@@ -90,15 +92,12 @@ def render(
             on_event(event)
 
     options = RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed, batch_size=batch_size)
-    store = RunStore.open(folder, wait=wait)
-    try:
+    with RunStore.open(folder, wait=wait) as store:
         summary = render_recipe(recipe, store, options=options, on_event=events,
                                 should_stop=should_stop or (lambda: None))
         if sheets:
             write_run_sheets(store)
         return summary
-    finally:
-        store.close()
 
 
 def status(run: str | Path) -> dict[str, Any]:
@@ -107,11 +106,8 @@ def status(run: str | Path) -> dict[str, Any]:
     not a run folder."""
     from imagegen.store import RunStore
 
-    store = RunStore.open(Path(run), create=False, lock=False)
-    try:
+    with RunStore.open(Path(run), create=False, lock=False) as store:
         return store.status()
-    finally:
-        store.close()
 
 
 def pick(run: str | Path, *picks: int | str, remove: bool = False, clear: bool = False,
@@ -125,12 +121,9 @@ def pick(run: str | Path, *picks: int | str, remove: bool = False, clear: bool =
     from imagegen.picks import update_picks
     from imagegen.store import RunStore
 
-    store = RunStore.open(Path(run), create=False, lock=False)
-    try:
+    with RunStore.open(Path(run), create=False, lock=False) as store:
         return update_picks(store, [str(p) for p in picks], from_file=Path(from_file) if from_file else None,
                             remove=remove, clear=clear)
-    finally:
-        store.close()
 
 
 def sheet(run: str | Path, *, by: str | None = None, x: str | None = None, y: str | None = None,
@@ -143,11 +136,8 @@ def sheet(run: str | Path, *, by: str | None = None, x: str | None = None, y: st
     from imagegen.sheets import write_run_sheets
     from imagegen.store import RunStore
 
-    store = RunStore.open(Path(run), create=False, lock=False)
-    try:
+    with RunStore.open(Path(run), create=False, lock=False) as store:
         return write_run_sheets(store, by=by, x=x, y=y, max_per_page=per_page)
-    finally:
-        store.close()
 
 
 def upscale(

@@ -110,11 +110,8 @@ def preview_pending(folder: Path, job_ids: Sequence[str], *, retry_failed: bool 
     writes nothing, takes no lock. Raises InputError for an unreadable manifest."""
     status: dict[str, str] = {}
     if (Path(folder) / MANIFEST).exists():
-        store = RunStore.open(folder, create=False, lock=False)
-        try:
+        with RunStore.open(folder, create=False, lock=False) as store:
             status = {row.id: row.status for row in store.rows(include_orphans=True)}
-        finally:
-            store.close()
     states = pending_states(retry_failed)
     todo = [i for i in job_ids if status.get(i, "pending") in states]
     return PendingPreview(todo, {i for i in job_ids if status.get(i) == "done"},

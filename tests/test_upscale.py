@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from imagegen.errors import InputError, ModelError
 from imagegen.upscale import load_upscaler, plan_passes, read_metadata, upscale_image
-from imagegen.upscale.arch import RRDBNet, SRVGGNetCompact
+from imagegen.upscale.archs.compact.net import SRVGGNetCompact
+from imagegen.upscale.archs.rrdbnet.net import RRDBNet
 from imagegen.upscale.resize import resize_strips
 from imagegen.upscale.tiling import TileConfig, Tiler, choose_config, starts
 from imagegen.upscale.writers import write_png, write_tiff

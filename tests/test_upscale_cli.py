@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import imagegen.cli.upscale  # noqa: F401  (registers the command on `app`)
 from imagegen.cli.app import app, run_app
 from imagegen.upscale import read_metadata
-from imagegen.upscale.arch import SRVGGNetCompact
+from imagegen.upscale.archs.compact.net import SRVGGNetCompact
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from fakes import fake_opener
 from imagegen.cli import run_app
 from imagegen.metadata import parse_parameters
 from imagegen.upscale import read_metadata
-from imagegen.upscale.arch import SRVGGNetCompact
+from imagegen.upscale.archs.compact.net import SRVGGNetCompact
 
 
 def make_run(tmp_path, monkeypatch, upscale: str):

@@ -319,15 +319,9 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Where a run stands: done, pending, failed, orphaned, rate, last error, time left."""
-    from imagegen.store import RunStore
+    from imagegen.api import status as run_status
 
-    reports = []
-    for run in runs:
-        store = RunStore.open(run, create=False, lock=False)
-        try:
-            reports.append(store.status())
-        finally:
-            store.close()
+    reports = [run_status(run) for run in runs]
     if as_json:
         typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=1, default=str))
         return

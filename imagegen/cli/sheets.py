@@ -27,13 +27,9 @@ def sheet(
     per_page: int = typer.Option(100, "--per-page", min=1, help="Images per page at most."),
 ) -> None:
     """Write contact sheets (sheets/sheet-NN.jpg) and sheets/index.html for a run."""
-    from imagegen.sheets import write_run_sheets
+    from imagegen.api import sheet as write_run_sheet
 
-    store = _open(run)
-    try:
-        pages, index = write_run_sheets(store, by=by, x=x, y=y, max_per_page=per_page)
-    finally:
-        store.close()
+    pages, index = write_run_sheet(run, by=by, x=x, y=y, per_page=per_page)
     for p in pages:
         typer.echo(str(p))
     typer.echo(str(index))
@@ -49,19 +45,15 @@ def pick(
     clear: bool = typer.Option(False, "--clear", help="Start from an empty pick list."),
 ) -> None:
     """Add picks to the run's picks.txt, remove them, or replace them from a file; the upscale step reads it."""
+    from imagegen.api import pick as set_picks
     from imagegen.errors import InputError
     from imagegen.picks import format_ranges
-    from imagegen.picks import update_picks
 
     if not items and from_file is None and not clear:
         raise InputError("pick: give job indices (12 57 203-210), --from FILE or --clear")
     if remove and clear:
         raise InputError("pick: --remove and --clear do not go together")
-    store = _open(run)
-    try:
-        picks = update_picks(store, items or [], from_file=from_file, remove=remove, clear=clear)
-    finally:
-        store.close()
+    picks = set_picks(run, *(items or []), from_file=from_file, remove=remove, clear=clear)
     typer.echo(f"{len(picks)} picked: {format_ranges(picks, limit=20) or '(none)'}")
 
 
@@ -72,11 +64,8 @@ def picks(
     """List the run's picks with their image files."""
     from imagegen.picks import list_picks
 
-    store = _open(run)
-    try:
+    with _open(run) as store:
         rows = list_picks(store)
-    finally:
-        store.close()
     if not rows:
         err(f"{run}: no picks yet (imagegen pick {run} 12 57 ...)")
     for index, job_id, path in rows:

@@ -6,23 +6,23 @@ Importing this package does not import torch; `load_upscaler` does.
     plan = plan_passes(1536, 1024, up.scale, target_width=17000)
     upscale_image(Path("in.png"), Path("out.tif"), up, plan)
 
-Supported architectures are listed in `ARCHITECTURES`; detection lives in `detect.py`.
+Architectures are records, one folder each under `archs/`, listed in `registry.py`.
 """
 
 from __future__ import annotations
 
-from imagegen.upscale.detect import LAYOUTS, ArchSpec
+from imagegen.upscale.archspec import ArchSpec
+from imagegen.upscale.detect import LAYOUTS
 from imagegen.upscale.meta import allow_huge_images, read_metadata
 from imagegen.upscale.model import Upscaler, load_upscaler
 from imagegen.upscale.pipeline import upscale_image
 from imagegen.upscale.plan import PlanStep, UpscalePlan, plan_passes
 from imagegen.defaults import FORMATS
 
-# The network classes in `arch.py` and the official models each reproduces.
-ARCHITECTURES = {
-    "RRDBNet": ("RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "ESRGAN (old layout)"),
-    "SRVGGNetCompact": ("realesr-general-x4v3", "realesr-animevideov3"),
-}
+from imagegen.upscale.registry import ARCHITECTURES as _REGISTRY
+
+# Network name -> the official models it reproduces (the records are in `registry.py`).
+ARCHITECTURES = {arch.name: arch.models for arch in _REGISTRY}
 
 __all__ = [
     "ARCHITECTURES",

@@ -9,7 +9,9 @@ from typing import Any
 from imagegen.devices import resolve_device, resolve_dtype
 from imagegen.errors import InputError, ModelError
 from imagegen.metadata import sha256_file
-from imagegen.upscale.detect import ArchSpec, detect, esrgan_to_basicsr, unwrap
+from imagegen.upscale.archspec import ArchSpec
+from imagegen.upscale.detect import detect, unwrap
+from imagegen.upscale.registry import architecture
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -41,15 +43,14 @@ class Upscaler:
         """Input sides must be multiples of this (2 for x2 pixel-unshuffle models)."""
         return self.spec.pad_multiple
 
+    def describe(self) -> str:
+        """One line naming the network, e.g. `RRDBNet x4 (23 blocks, 64 feat, 32 grow; basicsr layout)`."""
+        return architecture(self.spec.arch).describe(self.spec)
+
     def bytes_per_input_pixel(self) -> int:
         """Rough peak activation memory per input pixel of one tile (for choosing tile sizes)."""
-        s = self.spec
         item = 4 if self.dtype == "float32" else 2
-        if s.arch == "RRDBNet":
-            body = (s.num_feat * 2 + 4 * s.num_grow) / (s.unshuffle * s.unshuffle)
-            # The widest tensors sit at output resolution: upsampled features, conv out, hr conv.
-            return int(item * max(body, 3 * s.num_feat * s.scale * s.scale) + 64)
-        return int(item * (3 * s.num_feat + 4 * 3 * s.scale * s.scale) + 64)
+        return architecture(self.spec.arch).activation_bytes(self.spec, item)
 
     def __call__(self, batch: Any) -> Any:
         """Run the net on an NCHW float tensor in [0, 1] already on `device`; returns it clamped."""
@@ -101,10 +102,7 @@ def _unreadable_weights(path: Path, exc: Exception) -> str:
 
 def build_module(spec: ArchSpec) -> Any:
     """A fresh (randomly initialised) network for `spec`."""
-    from imagegen.upscale import arch
-
-    cls = getattr(arch, spec.arch)
-    return cls(**spec.kwargs)
+    return architecture(spec.arch).build(spec)
 
 
 def load_upscaler(path: str | Path, *, device: str | None = None, dtype: str | None = None) -> Upscaler:
@@ -131,15 +129,14 @@ def load_upscaler(path: str | Path, *, device: str | None = None, dtype: str | N
         raise ModelError(f"{path}: entry `{bad}` is not a tensor; expected a plain state dict")
     # 2. Detect the architecture from names and shapes.
     spec = detect({k: tuple(v.shape) for k, v in tensors.items()}, path=str(path))
-    if spec.layout == "esrgan":
-        tensors = {esrgan_to_basicsr(k, spec.num_block, spec.num_up) or k: v for k, v in tensors.items()}
+    tensors = architecture(spec.arch).convert(tensors, spec)
     # 3. Build our module and load strictly (any missing or extra key is an error).
     module = build_module(spec)
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         line = str(exc).strip().splitlines()
-        raise ModelError(f"{path}: weights do not fit {spec.describe()}: {' '.join(line[1:3])[:300]}") from None
+        raise ModelError(f"{path}: weights do not fit {architecture(spec.arch).describe(spec)}: {' '.join(line[1:3])[:300]}") from None
     module.eval().requires_grad_(False)
     # channels_last is faster for these convs on CUDA (cuDNN) and on CPU (oneDNN, ~30%).
     module.to(device=dev, dtype=getattr(torch, dt), memory_format=torch.channels_last)

@@ -204,7 +204,7 @@ def upscale_image(
     data["upscale"] = {
         "model": upscaler.name,
         "model_sha256": upscaler.sha256,
-        "arch": upscaler.spec.describe(),
+        "arch": upscaler.describe(),
         "model_scale": upscaler.scale,
         "passes": plan.passes,
         "steps": [{"kind": s.kind, "in": list(s.in_size), "out": list(s.out_size)} for s in plan.steps],

@@ -116,7 +116,7 @@ def upscale_files(
 
     # 2. Load the model (its scale drives the plans) and plan every image.
     up = load_upscaler(model, device=device, dtype=dtype)
-    on_message(f"model: {up.name} ({up.spec.describe()}, hash {up.short_hash}) on {up.device} {up.dtype}")
+    on_message(f"model: {up.name} ({up.describe()}, hash {up.short_hash}) on {up.device} {up.dtype}")
     jobs: list[FileJob] = []
     for src, (w, h) in sizes.items():
         plan = plan_passes(w, h, up.scale, scale=scale, target_width=width, target_height=height)
@@ -153,12 +153,9 @@ def run_targets(run: Path) -> tuple[list[Path], dict[str, Any]]:
     from imagegen.picks import list_picks
     from imagegen.store import RunStore
 
-    store = RunStore.open(run, create=False, lock=False)
-    try:
+    with RunStore.open(run, create=False, lock=False) as store:
         picks = list_picks(store)
         settings = json.loads(store.get_meta("upscale") or "{}")
-    finally:
-        store.close()
     if not picks:
         raise InputError(f"{run}: no picks in {run / 'picks.txt'}; pick first: imagegen pick {run} 12 57 203-210")
     missing = [str(i) for i, _, path in picks if path is None or not path.exists()]
