@@ -221,3 +221,33 @@ def test_reproduce_says_unstable_for_the_strong_lora(tmp_path, capsys):
     assert 1 in codes, out  # rendered at batch 4, reproduced alone: rounding grew into pixels
     assert out.count("DIFFERENT") == codes.count(1)
     assert out.count("the model is numerically unstable for this job (LoRA weight +1e-06: max") == codes.count(1)
+
+
+@pytest.mark.parametrize("family,fmt", [("sdxl", "kohya"), ("sd15", "diffusers")])
+def test_lora_render_equals_plain_diffusers_with_the_lora(engines, tmp_path, family, fmt):
+    """A second code path: diffusers' own unfused LoRA (load_lora_weights + set_adapters) in a
+    fresh pipeline. Equal within 1/255 means the engine's fused UNet, both text encoders, the
+    pooled embedding and the added time ids carry the LoRA exactly as diffusers applies it."""
+    import diffusers
+
+    from engine_fixtures import tiny_folder
+    from imagegen.samplers import lookup_sampler, scheduler_config
+
+    eng = engines(family)
+    lora = make_realistic_lora(tmp_path / f"real.{fmt}.safetensors", family, seed=8, fmt=fmt)
+    eng.set_loras([(str(lora), 0.8)])
+    r = job(21, "an astronaut riding a horse", "ugly", size=64, steps=6)
+    ours = eng.generate([r, job(22, "other", size=64, steps=6)])[0].image
+
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(tiny_folder(family)))
+    pipe.set_progress_bar_config(disable=True)
+    spec = lookup_sampler(r.scheduler)
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(scheduler_config(spec, pipe.scheduler.config),
+                                                                          **spec.options)
+    pipe.load_lora_weights(str(lora), adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.8])
+    with torch.no_grad():
+        plain = pipe(r.prompt, negative_prompt=r.negative, width=64, height=64, num_inference_steps=r.steps,
+                     guidance_scale=r.guidance, generator=torch.Generator("cpu").manual_seed(r.seed)).images[0]
+    assert maxdiff(ours, plain) <= 1
