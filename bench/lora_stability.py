@@ -11,6 +11,7 @@ same job moves between a batch of `--batch-size` and a render alone:
     python bench/lora_stability.py --tiny-lora strong      # the issue-10 newcomer's case
     python bench/lora_stability.py --tiny-lora realistic   # a LoRA scaled like trained ones
     python bench/lora_stability.py --model builtin:tiny-sd15 --lora style.safetensors:0.8
+    python bench/lora_stability.py --tiny-lora strong --float64 --eps 1e-14   # chaos beyond fp64
 
 `--tiny-lora strong|realistic` builds a random LoRA for the tiny model with the test helpers
 (`make_tiny_lora`, `make_realistic_lora` in tests/engine_fixtures.py). Not a test: prints
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--float64", action="store_true",
+                    help="run the pipeline in float64: a state bug still shows, rounding almost vanishes")
     args = ap.parse_args()
 
     import torch
@@ -77,6 +80,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     engine = open_engine(args.model, device=args.device, dtype=args.dtype)
+    if args.float64:
+        engine.pipeline.to(torch.float64)
     tmp = tempfile.TemporaryDirectory()
     loras = [parse_lora(t) for t in args.lora]
     if args.tiny_lora:
@@ -88,7 +93,8 @@ def main() -> None:
     jobs = [GenRequest(p, args.negative, s, args.size, args.size, args.steps, args.guidance, args.scheduler)
             for p in prompts for s in seeds]  # fmt: skip
     lora_text = ", ".join(f"{Path(p).name}:{w:g}" for p, w in loras) or "no LoRA"
-    print(f"{engine.model_name} ({engine.family}, {engine.device} {engine.dtype}) + {lora_text}; "
+    dtype = "float64" if args.float64 else engine.dtype
+    print(f"{engine.model_name} ({engine.family}, {engine.device} {dtype}) + {lora_text}; "
           f"{args.size}px, {args.steps} steps, {args.scheduler}, guidance {args.guidance:g}")  # fmt: skip
 
     import numpy as np
