@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from imagegen.errors import InputError
 from imagegen.metadata import read_provenance
+
+if TYPE_CHECKING:  # pragma: no cover
+    from imagegen.engine.stability import Stability
 
 
 @dataclass
@@ -17,11 +22,30 @@ class Reproduction:
     mean_diff: float
     device: str
     dtype: str
+    stability: "Stability | None" = None  # the probe's figures, when the pixels differed
+
+    def explanation(self) -> str | None:
+        """What a difference means, from the stability probe (None when there was no probe)."""
+        st = self.stability
+        if st is None:
+            return None
+        if st.stable:
+            return (f"the model is numerically stable for this job ({st.summary()}), so the difference is not "
+                    "rounding: the image was rendered with other library versions, another device or dtype, "
+                    "or an engine bug")
+        return (f"the model is numerically unstable for this job ({st.summary()}): tiny rounding differences "
+                "(batch size, device, library versions) grow into visibly different pixels, so this job cannot be "
+                "reproduced exactly; well-conditioned models and LoRAs do not do this")
 
 
 def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str | None = None,
-                    out: str | Path | None = None, open_engine=None) -> Reproduction:
+                    out: str | Path | None = None, open_engine=None, tolerance: int = 1,
+                    probe: bool = True) -> Reproduction:
     """Render the job recorded in `path`'s `imagegen` metadata again and compare.
+
+    When the pixels differ by more than `tolerance` levels and `probe` is true, the stability
+    probe (imagegen.engine.stability) runs on the job and its figures come back in
+    `Reproduction.stability`: they say whether the model is numerically unstable for it.
 
     Raises InputError when the file has no imagegen metadata, ModelError when the model or a
     LoRA it names is gone."""
@@ -54,8 +78,9 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
                                            device=device, dtype=dtype)
     engine.set_loras([(p, w) for p, w in c["loras"]])
     w, h = c["size"]
-    [result] = engine.generate([GenRequest(c["prompt"], c["negative"], c["seed"], w, h, c["steps"], c["guidance"],
-                                           c["scheduler"], c["clip_skip"])])
+    request = GenRequest(c["prompt"], c["negative"], c["seed"], w, h, c["steps"], c["guidance"], c["scheduler"],
+                         c["clip_skip"])
+    [result] = engine.generate([request])
     if result.image is None:
         raise InputError(f"{path}: the new render failed: {result.error}")
     with Image.open(path) as im:
@@ -72,4 +97,9 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
 
         params = read_png_text(path).get("parameters", "")
         write_atomic(out, lambda f: result.image.save(f, format="PNG", pnginfo=png_text_chunks(params, prov)))
-    return Reproduction(prov.get("index"), c["seed"], diff_max, diff_mean, engine.device, engine.dtype)
+    stability = None
+    if probe and diff_max > tolerance:
+        from imagegen.engine.stability import probe_stability
+
+        stability = probe_stability(engine, request, threshold=tolerance)
+    return Reproduction(prov.get("index"), c["seed"], diff_max, diff_mean, engine.device, engine.dtype, stability)

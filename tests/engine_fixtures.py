@@ -208,13 +208,18 @@ def make_tiny_lora(
     fmt: str = "kohya",
     text_encoder: bool = True,
     scale: float = 0.5,
+    relative: float | None = None,
 ) -> Path:
     """A random LoRA for the tiny `family` model, as a `.safetensors` file.
 
     fmt "kohya": `lora_unet_*` / `lora_te_*` (SDXL: `lora_te1_*`, `lora_te2_*`, and the UNet in
     the A1111 `input_blocks` naming kohya uses for SDXL) with `lora_down`/`lora_up`/`alpha`;
     fmt "diffusers": peft keys `unet.<module>.lora_A.weight` / `lora_B.weight`.
-    Up weights are non-zero (random, `scale`) so the LoRA visibly changes images.
+    Up weights are non-zero (random, `scale`) so the LoRA visibly changes images. With
+    `scale` 0.5 each layer's change is many times the layer's own weights: a deliberately
+    strong LoRA that makes the tiny random models chaotic (see `make_realistic_lora`).
+    `relative`, when given, replaces `scale`: each layer's change at weight 1 has that fraction
+    of the layer's weight norm (Frobenius), as in trained LoRAs.
     """
     import torch
     from safetensors.torch import save_file
@@ -228,11 +233,15 @@ def make_tiny_lora(
     unet_cfg = _config(tiny_folder(family) / "unet")
     up_attn = {i for i, t in enumerate(unet_cfg["up_block_types"]) if "CrossAttn" in t}
     te_prefix = {"text_encoder": "lora_te_" if family == "sd15" else "lora_te1_", "text_encoder_2": "lora_te2_"}
+    base = _base_weights(family, list(targets)) if relative is not None else {}
     sd = {}
     for comp, items in targets.items():
         for mod, (n_out, n_in) in items:
             down = torch.randn(rank, n_in, generator=g) * scale
             up = torch.randn(n_out, rank, generator=g) * scale
+            if relative is not None:  # alpha = rank: the change at weight 1 is up @ down
+                w = base[comp][mod]
+                up = up * (relative * float(w.norm()) / float((up @ down).norm()))
             if fmt == "diffusers":
                 sd[f"{comp}.{mod}.lora_A.weight"] = down
                 sd[f"{comp}.{mod}.lora_B.weight"] = up
@@ -250,6 +259,41 @@ def make_tiny_lora(
     path = Path(path)
     save_file(sd, str(path))
     return path
+
+
+# Fraction of each layer's weight norm that a realistic LoRA changes at weight 1, per family:
+# enough to move a tiny 64 px render by a few tens of levels (tiny SD1.5 is the less sensitive).
+REALISTIC_STRENGTH = {"sd15": 0.3, "sdxl": 0.15}
+
+
+def make_realistic_lora(
+    path: str | Path,
+    family: str,
+    strength: float | None = None,
+    rank: int = 4,
+    seed: int = 0,
+    fmt: str = "kohya",
+    text_encoder: bool = True,
+) -> Path:
+    """A random LoRA scaled like a trained one: each layer's change at weight 1 is `strength`
+    (default `REALISTIC_STRENGTH[family]`) of the layer's own weight norm. On the tiny models weight 1 changes a render
+    by tens of levels out of 255, and the stability probe (imagegen.engine.stability) finds the
+    model well-conditioned with it: 1e-6 perturbations move no pixel by more than 1/255.
+    Formats and keys as `make_tiny_lora`."""
+    return make_tiny_lora(path, family, rank=rank, seed=seed, fmt=fmt, text_encoder=text_encoder,
+                          relative=REALISTIC_STRENGTH[family] if strength is None else strength)
+
+
+def _base_weights(family: str, comps: list[str]) -> dict[str, dict[str, "object"]]:
+    """{component: {module path as in `_lora_targets`: weight tensor}} of the tiny model."""
+    src = tiny_folder(family)
+    out = {}
+    for comp in comps:
+        sd = _load_dir(src / comp)
+        if comp != "unet":
+            sd = _hf_text_keys(sd)
+        out[comp] = {k[: -len(".weight")]: v for k, v in sd.items() if k.endswith(".weight")}
+    return out
 
 
 # --- fake key sets for detection ------------------------------------------------------------

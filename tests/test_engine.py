@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine_fixtures import make_tiny_lora, tiny_folder
+from engine_fixtures import make_realistic_lora, make_tiny_lora, tiny_folder
 from imagegen.engine import BUILTIN_MODELS, EngineOOM, GenRequest, GenResult, open_engine
 from imagegen.errors import ImagegenError, InputError, ModelError
 from imagegen.samplers import sampler_names
@@ -267,8 +267,9 @@ def test_lora_weight_zero_equals_none_and_nonzero_changes(engine, tmp_path, fmt)
 
 
 def test_lora_stack_weights(sd15, tmp_path):
-    a = make_tiny_lora(tmp_path / "a.safetensors", "sd15", seed=1)
-    b = make_tiny_lora(tmp_path / "b.safetensors", "sd15", seed=2, fmt="diffusers")
+    # realistic LoRAs: the <= 1 comparisons below cross code paths (stacks fuse differently)
+    a = make_realistic_lora(tmp_path / "a.safetensors", "sd15", seed=1)
+    b = make_realistic_lora(tmp_path / "b.safetensors", "sd15", seed=2, fmt="diffusers")
     r = req(seed=5)
     try:
         sd15.set_loras([(str(a), 0.6)])
@@ -277,7 +278,7 @@ def test_lora_stack_weights(sd15, tmp_path):
         assert maxdiff(sd15.generate([r])[0].image, only_a) <= 1
         assert len(sd15.pipeline.get_active_adapters()) == 2
         sd15.set_loras([(str(a), 0.6), (str(b), 0.7)])
-        assert maxdiff(sd15.generate([r])[0].image, only_a) > 10
+        assert maxdiff(sd15.generate([r])[0].image, only_a) > 5
         sd15.set_loras([(str(b), 0.7)])
         assert sd15.pipeline.get_active_adapters() == ["lora0_b"]
     finally:

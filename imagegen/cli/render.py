@@ -350,9 +350,11 @@ def reproduce(
     """Re-render one image from its own metadata and report whether the pixels match."""
     from imagegen.reproduce import reproduce_image
 
-    result = reproduce_image(image, device=device, dtype=dtype, out=out)
+    result = reproduce_image(image, device=device, dtype=dtype, out=out, tolerance=tolerance)
     verdict = "match" if result.max_diff <= tolerance else "DIFFERENT"
     typer.echo(f"{image}: {verdict}: max pixel difference {result.max_diff}/255, mean {result.mean_diff:.4f} "
                f"(job {result.index}, seed {result.seed}, {result.device} {result.dtype})")
+    if result.explanation():
+        typer.echo(f"  {result.explanation()}")
     if result.max_diff > tolerance:
         raise typer.Exit(1)

@@ -97,6 +97,7 @@ class Engine:
         self.model_name = model_name
         self._base_scheduler_config = dict(pipeline.scheduler.config)
         self._loras: tuple[tuple[str, float], ...] = ()
+        self._lora_stamps: tuple = ()  # (size, mtime) of each fused file: a rewritten file is reloaded
         self._backup: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._prompt_cache: dict[tuple, tuple] = {}
 
@@ -135,7 +136,7 @@ class Engine:
     def set_loras(self, loras: Sequence[tuple[str, float]]) -> None:
         """Make exactly `loras` ((path, weight) pairs, maybe empty) the fused LoRA set.
 
-        No-op when it equals the current set. Otherwise the previous set is unfused and unloaded
+        No-op when it equals the current set and no file changed on disk since. Otherwise the previous set is unfused and unloaded
         and the original weights are restored bit for bit (so renders never depend on which
         LoRAs came before), then the new files are loaded as peft adapters, weighted with
         `set_adapters` and fused. Raises ModelError naming a file that is missing, for the other
@@ -144,10 +145,11 @@ class Engine:
         from ..modelfiles import check_lora
 
         want = tuple((str(p), float(w)) for p, w in loras)
-        if want == self._loras:
+        if want == self._loras and _file_stamps(want) == self._lora_stamps:
             return
         for path, _ in want:
             check_lora(path, self.family)
+        stamps = _file_stamps(want)
         self._clear_loras()
         if not want:
             return
@@ -165,6 +167,7 @@ class Engine:
             self._clear_loras()
             raise
         self._loras = want
+        self._lora_stamps = stamps
 
     def _load_adapters(self, want: tuple[tuple[str, float], ...], names: list[str]) -> None:
         from diffusers.utils import logging as dlog
@@ -212,6 +215,7 @@ class Engine:
                         mod.bias.copy_(b)
         self._backup = {}
         self._loras = ()
+        self._lora_stamps = ()
         self._prompt_cache = {}
 
     # -- generation --------------------------------------------------------------------------
@@ -345,6 +349,20 @@ class Engine:
                 continue
             results.append(GenResult(Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB")))
         return results
+
+
+def _file_stamps(loras: tuple[tuple[str, float], ...]) -> tuple:
+    """(size, mtime_ns, inode) of each LoRA file (None when unreadable: check_lora reports it)."""
+    import os
+
+    out = []
+    for path, _ in loras:
+        try:
+            st = os.stat(path)
+            out.append((st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 @contextmanager
