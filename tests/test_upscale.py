@@ -180,7 +180,7 @@ class NotATensor:
 def test_bad_weight_files(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a torch file" * 10)
-    with pytest.raises(ModelError, match="junk.pth: not a weight file: neither a PyTorch checkpoint") as exc:
+    with pytest.raises(ModelError, match="junk.pth: cannot read weight file: it is neither a PyTorch checkpoint") as exc:
         load_upscaler(junk, device="cpu")
     assert "expected Real-ESRGAN weights" in str(exc.value)
 
@@ -189,7 +189,7 @@ def test_bad_weight_files(tmp_path):
         load_upscaler(tmp_path / "objects.pth", device="cpu")
     assert "weights_only" not in str(exc.value)  # never advise loading an unknown pickle unsafely
     (tmp_path / "cut.pth").write_bytes((tmp_path / "objects.pth").read_bytes()[:64])
-    with pytest.raises(ModelError, match="cut.pth: a damaged or unsupported zip checkpoint"):
+    with pytest.raises(ModelError, match="cut.pth: cannot read weight file: a damaged or unsupported zip checkpoint"):
         load_upscaler(tmp_path / "cut.pth", device="cpu")
     other = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(4, 4)}, other)

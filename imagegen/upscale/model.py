@@ -96,8 +96,9 @@ def _unreadable_weights(path: Path, exc: Exception) -> str:
         return (f"{path}: refused: this pickle holds Python objects besides tensors, and loading it could run "
                 f"code; {expected} (convert it to .safetensors on a machine you trust)")
     if head.startswith(b"PK"):
-        return f"{path}: a damaged or unsupported zip checkpoint (no readable tensor data); {expected}"
-    return f"{path}: not a weight file: neither a PyTorch checkpoint (zip or pickle of tensors) nor safetensors; {expected}"
+        return f"{path}: cannot read weight file: a damaged or unsupported zip checkpoint (no readable tensor data); {expected}"
+    return (f"{path}: cannot read weight file: it is neither a PyTorch checkpoint (zip or pickle of tensors) nor "
+            f"safetensors; {expected}")
 
 
 def build_module(spec: ArchSpec) -> Any:
