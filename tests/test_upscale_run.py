@@ -64,7 +64,9 @@ def test_upscale_run_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert "no picks" in capsys.readouterr().err
     assert run_app(["pick", str(run), "1"]) == 0
     assert run_app(["upscale", str(run)]) == 2
-    assert "no upscale model" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "no upscale model" in said
+    assert "no target size" in said and "upscale:\n    model:" in said  # all at once, with how to add them
     assert run_app(["upscale", str(run), "--model", str(tmp_path / "x4.pth")]) == 2
     assert "no target size" in capsys.readouterr().err
 

@@ -198,10 +198,18 @@ def upscale_run(
     if scale is None and width is None and height is None:
         scale, width, height = settings.get("scale"), settings.get("width"), settings.get("height")
     model = model or (Path(settings["model"]) if settings.get("model") else None)
+    missing = []  # every missing setting at once, with how to give it
     if model is None:
-        raise InputError(f"{run}: no upscale model: set `upscale.model` in the recipe or pass --model")
+        missing.append("no upscale model (`upscale.model` in the recipe, or --model)")
     if scale is None and width is None and height is None:
-        raise InputError(f"{run}: no target size: set `upscale.width` (or height, scale) in the recipe or pass --width")
+        missing.append("no target size (`upscale.width`, `height` or `scale` in the recipe, or --width/--height/--scale)")
+    if missing:
+        raise InputError(
+            f"{run}: cannot upscale: {'; '.join(missing)}. Add to the recipe, for example:\n"
+            "  upscale:\n    model: models/RealESRGAN_x4plus.pth\n    width: 6000        # or height: N, or scale: S\n"
+            "    format: tif\n"
+            f"and render it once to record the settings, or pass them here: imagegen upscale {run} --model M.pth --width 6000"
+        )
     return upscale_files(
         files, model=model, scale=scale, width=width, height=height, out=out or run / UPSCALED,
         tile=tile if tile is not None else settings.get("tile"), fmt=fmt or settings.get("format") or DEFAULT_FORMAT,
