@@ -64,12 +64,14 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
             raise InputError(f"`--out` {out}: give a .png file name")
         if not out.parent.is_dir():
             raise InputError(f"`--out` {out}: folder {out.parent} does not exist")
-    prov = read_provenance(path)
+    prov = read_provenance(path) or _upscale_provenance(path)
     if not prov or "content" not in prov:
         raise InputError(f"{path}: no imagegen metadata (only images rendered by imagegen can be reproduced)")
     if prov.get("upscale"):
+        source = prov["upscale"].get("source", {}).get("file")
+        where = _source_render(path, source)
         raise InputError(f"{path}: an upscaled image; reproduce its source render instead "
-                         f"({prov['upscale'].get('source', {}).get('file', 'the image in images/')})")
+                         f"({source or 'the image in images/'}): imagegen reproduce {where}")
     c = prov["content"]
     for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"])]:
         if ref and not ref.startswith("builtin:") and not Path(ref).exists():
@@ -103,3 +105,22 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
 
         stability = probe_stability(engine, request, threshold=tolerance)
     return Reproduction(prov.get("index"), c["seed"], diff_max, diff_mean, engine.device, engine.dtype, stability)
+
+
+def _upscale_provenance(path: Path) -> dict | None:
+    """The imagegen JSON of an upscaled TIFF or JPEG (PNG text chunks are read above), or None."""
+    try:
+        from imagegen.upscale.meta import read_metadata
+
+        return read_metadata(path).get("imagegen")
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def _source_render(upscaled: Path, source: str | None) -> str:
+    """Where the source render of `upscaled` is: RUN/images/<source> when the upscale sits in a
+    run's upscaled/ folder and the file is there, else the source's file name as recorded."""
+    if not source:
+        return "(the source image in the run's images/ folder)"
+    candidate = upscaled.parent.parent / "images" / source
+    return str(candidate) if candidate.is_file() else source

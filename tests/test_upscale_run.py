@@ -81,6 +81,15 @@ def test_reproduce_refuses_upscaled_and_bad_paths(tmp_path, monkeypatch, capsys)
     assert "an upscaled image; reproduce its source render instead (0001-" in capsys.readouterr().err
     assert run_app(["reproduce", str(tmp_path / "nope.png")]) == 2
     assert "file not found" in capsys.readouterr().err
+    # a TIFF delivery carries the same provenance (in its tags): named as an upscale, with its source
+    assert run_app(["upscale", str(run), "--scale", "2", "--format", "tif"]) == 0
+    [tif] = (run / "upscaled").glob("*.tif")
+    capsys.readouterr()
+    assert run_app(["reproduce", str(tif)]) == 2
+    said = capsys.readouterr().err
+    first = sorted((run / "images").glob("*.png"))[0]
+    assert "an upscaled image; reproduce its source render instead (0001-" in said, said
+    assert f"imagegen reproduce {first}" in said and "no imagegen metadata" not in said
     src = sorted((run / "images").glob("*.png"))[0]
     assert run_app(["reproduce", str(src), "--out", str(tmp_path / "noext")]) == 2
     assert run_app(["reproduce", str(src), "--out", str(tmp_path / "missing" / "x.png")]) == 2
