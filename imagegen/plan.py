@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from imagegen.recipe import LoraUse, PromptVariant, Recipe, axis_counts, lora_choices
 
@@ -98,14 +98,39 @@ def count_jobs(recipe: Recipe) -> int:
     return total
 
 
-def _prompt_label(number: int, pv: PromptVariant) -> str:
-    text = pv.text if len(pv.text) <= 48 else pv.text[:47] + "…"
-    return f"#{number} {text}"
+PROMPT_LABEL_CHARS = 48  # prompt text shown in an axis label (sheets, captions, filters)
+
+
+def prompt_labels(variants: Sequence[PromptVariant]) -> list[str]:
+    """One short label per prompt variant: `#N` and the text, or, for a long prompt, the words
+    that tell it apart from the other variants (`#2 …evening light`), never a cut that hides them.
+
+    The words shared by every variant at the start and at the end are left out (with `…`)
+    when the whole text does not fit in PROMPT_LABEL_CHARS."""
+    words = [pv.text.split() for pv in variants]
+    prefix = suffix = 0
+    if len(words) > 1:
+        shortest = min(len(w) for w in words)
+        while prefix < shortest and all(w[prefix] == words[0][prefix] for w in words):
+            prefix += 1
+        while suffix < shortest - prefix and all(w[-1 - suffix] == words[0][-1 - suffix] for w in words):
+            suffix += 1
+    labels = []
+    for number, (pv, ws) in enumerate(zip(variants, words), 1):
+        text = pv.text
+        middle = ws[prefix : len(ws) - suffix]
+        if len(text) > PROMPT_LABEL_CHARS and middle:
+            text = ("…" if prefix else "") + " ".join(middle) + ("…" if suffix else "")
+        if len(text) > PROMPT_LABEL_CHARS:
+            text = text[: PROMPT_LABEL_CHARS - 1] + "…"
+        labels.append(f"#{number} {text}")
+    return labels
 
 
 def iter_jobs(recipe: Recipe) -> Iterator[Job]:
     """Jobs in plan order (see the module docstring)."""
     index = 0
+    labels = prompt_labels(recipe.prompts)
     for lora_set, stack, lora_labels in lora_choices(recipe):
         for (w, h), steps, scheduler, guidance in itertools.product(recipe.sizes, recipe.steps, recipe.schedulers, recipe.guidance):
             for number, pv in enumerate(recipe.prompts, 1):
@@ -120,7 +145,7 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
                         ("steps", str(steps)),
                         ("scheduler", scheduler),
                         ("guidance", f"{guidance:g}"),
-                        ("prompt", _prompt_label(number, pv)),
+                        ("prompt", labels[number - 1]),
                         ("seed", str(seed)),
                     )
                     yield Job(

@@ -282,3 +282,26 @@ def test_sheets_never_open_the_full_images(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "open", spy)
     write_sheets(items, tmp_path / "sheets", title="thumbs only")
     assert opened and all("/thumbs/" in name for name in opened)
+
+
+def test_long_prompt_legend_lists_every_variant_and_labels_show_what_differs(tmp_path):
+    from imagegen.plan import prompt_labels
+    from imagegen.recipe import PromptVariant
+    from imagegen.sheets.drawing import wrap_legend
+    from imagegen.sheets.layout import legend_lines
+
+    times = ["dawn", "morning", "noon", "afternoon", "golden hour", "sunset", "dusk", "evening", "night",
+             "midnight", "blue hour", "overcast day"]
+    texts = [f"macro photo of a ceramic teapot on a wooden table, soft window light, {t}" for t in times]
+    labels = prompt_labels([PromptVariant(0, i, t) for i, t in enumerate(texts)])
+    # the words that differ survive in every label (they were cut off before: "#1 macro phot…")
+    assert labels[0] == "#1 …dawn" and labels[11] == "#12 …overcast day"
+    assert prompt_labels([PromptVariant(0, 0, "a short prompt")]) == ["#1 a short prompt"]
+    items = make_items(tmp_path, [{"prompt": label, "seed": str(s)} for label in labels for s in (1, 2)])
+    unwrapped = legend_lines(items, ["prompt", "seed"], "")
+    legend = wrap_legend(unwrapped, 300)  # a narrow page: the prompt line must wrap, not be cut
+    assert len(legend) > len(unwrapped)
+    text = " ".join(legend)
+    assert all(label in text for label in labels), legend  # #10, #11 and #12 too
+    pages = write_sheets(items, tmp_path / "sheets", title="legend")
+    assert len(pages) == 1 and Image.open(pages[0]).size[0] > 0

@@ -58,6 +58,14 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+LEGEND_WRAP_LINES = 40  # header lines at most, once the legend is wrapped to the page width
+
+
+def wrap_legend(lines: list[str], width: float) -> list[str]:
+    """Legend lines word-wrapped to `width` pixels of header text, LEGEND_WRAP_LINES at most."""
+    return [piece for line in lines for piece in _wrap(line, TEXT_FONT, width, LEGEND_WRAP_LINES)][:LEGEND_WRAP_LINES]
+
+
 def _width(text: str, size: int) -> float:
     return _font(size).getlength(text)
 
@@ -286,6 +294,12 @@ def write_sheets(
         raise InputError(
             f"sheet: max megapixels per page {max_megapixels:g} is too small; one row needs {need / 1e6:.2f}"
         )
+    # The legend is wrapped to the page width, not cut: every value of every varying axis is
+    # listed (a 12-prompt legend shows #10-#12 too), up to LEGEND_WRAP_LINES lines in all.
+    wrapped = wrap_legend(legend, geo.width - 2 * MARGIN)
+    if len(wrapped) != len(legend):
+        legend, legend_count = wrapped, len(wrapped)
+        geo = Geometry(columns, geo.label_width, caption_lines, legend_count)
     max_height = min(MAX_SHEET_SIDE, int(max_pixels // geo.width))
 
     # 4. Lay out sections and flow them onto pages.
