@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from imagegen.defaults import cache_root
-from imagegen.samplers import from_infotext, lookup_sampler
+from imagegen.samplers import from_infotext, infotext_schedule, lookup_sampler
 
 PARAMETERS_KEY = "parameters"
 PROVENANCE_KEY = "imagegen"
 MODEL_HASH_LEN = 10  # A1111 "Model hash": first 10 hex of the file's sha256
-LORA_HASH_LEN = 12  # A1111 "Lora hashes": first 12 hex
+LORA_HASH_LEN = 12  # A1111 "Lora hashes": first 12 hex of the AddNet hash (see `addnet_hash`)
 
 
 def a1111_quote(value: Any) -> str:
@@ -55,7 +55,7 @@ def format_parameters(
     height: int,
     model_name: str,
     model_hash: str | None = None,
-    loras: list[tuple[str, float, str | None]] = (),  # (name, weight, sha256 or None)
+    loras: list[tuple[str, float, str | None]] = (),  # (name, weight, AddNet hash or None)
     clip_skip: int = 1,
     version: str = "",
     extra: dict[str, Any] | None = None,
@@ -68,8 +68,8 @@ def format_parameters(
     if negative:
         lines.append(f"Negative prompt: {negative}")
     fields: list[tuple[str, Any]] = [("Steps", steps), ("Sampler", sampler)]
-    if spec and spec.schedule_type:
-        fields.append(("Schedule type", spec.schedule_type))
+    if spec and infotext_schedule(spec):
+        fields.append(("Schedule type", infotext_schedule(spec)))
     fields += [("CFG scale", f"{guidance:g}"), ("Seed", seed), ("Size", f"{width}x{height}")]
     if model_hash:
         fields.append(("Model hash", model_hash[:MODEL_HASH_LEN]))
@@ -116,7 +116,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
     prompt = _LORA_TAG.sub("", prompt).strip()
     out: dict[str, Any] = {"prompt": prompt, "negative": "\n".join(negative_lines), "loras": loras}
     out.update(fields)
-    spec = from_infotext(fields.get("Sampler", ""), fields.get("Schedule type", ""))
+    ours = str(fields.get("Version", "")).startswith("imagegen")  # we always write the schedule where it matters
+    spec = from_infotext(fields.get("Sampler", ""), fields.get("Schedule type", ""), a1111_defaults=not ours)
     if spec is not None:
         out["scheduler"] = spec.name
     return out
@@ -152,8 +153,8 @@ def png_text_chunk(key: str, text: str, *, compress: bool = False) -> bytes:
 
 
 def provenance_text(provenance: dict) -> str:
-    """The `imagegen` JSON as stored in an image."""
-    return json.dumps(provenance, ensure_ascii=False, sort_keys=True)
+    """The `imagegen` JSON as stored in an image: strict JSON (see `strict_json`)."""
+    return strict_json(provenance)
 
 
 def png_text_chunks(parameters: str, provenance: dict) -> "Any":
@@ -165,6 +166,25 @@ def png_text_chunks(parameters: str, provenance: dict) -> "Any":
     info.add(*png_text_payload(PARAMETERS_KEY, parameters))
     info.add(*png_text_payload(PROVENANCE_KEY, provenance_text(provenance), compress=True))
     return info
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """JSON that every parser accepts (JavaScript's `JSON.parse` included): non-finite floats,
+    e.g. a scheduler's `lambda_min_clipped: -inf`, become the strings "Infinity", "-Infinity"
+    and "NaN" instead of Python's bare `-Infinity` tokens."""
+    return json.dumps(_finite(value), ensure_ascii=False, sort_keys=True, allow_nan=False)
 
 
 def read_png_text(path: str | Path) -> dict[str, str]:
@@ -282,6 +302,48 @@ class _CacheFile:
         if self.fd is not None:
             os.close(self.fd)  # releases the flock
         _CACHE_LOCK.release()
+
+
+def addnet_hash_of_file(path: str | Path) -> str:
+    """The "AddNet" hash A1111 and civitai identify a LoRA by: kohya's `sshs_model_hash` from the
+    safetensors metadata when present, else the sha256 of the bytes after the safetensors header
+    (full hex; A1111 shows the first 12). Not cached; see `addnet_hash`. Raises OSError or
+    ValueError for an unreadable or non-safetensors file."""
+    import struct
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        header = f.read(n)
+        try:
+            meta = json.loads(header.decode("utf-8")).get("__metadata__") or {}
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
+        given = str(meta.get("sshs_model_hash") or "").strip().lower()
+        if re.fullmatch(r"[0-9a-f]{12,64}", given):
+            return given
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def addnet_hash(path: str | Path) -> str:
+    """`addnet_hash_of_file`, cached like `sha256_file`."""
+    path = Path(path).resolve()
+    key = "addnet|" + _cache_key(path)
+    cache_file = _CacheFile(_hash_cache_path())
+    with cache_file as cache:
+        if key in cache:
+            return cache[key]
+    digest = addnet_hash_of_file(path)
+    with cache_file as cache:
+        cache.pop(key, None)
+        cache[key] = digest
+        cache_file.save(cache)
+    return digest
 
 
 def sha256_file(path: str | Path) -> str:

@@ -51,6 +51,25 @@ def _context_dim(shapes: dict[str, tuple[int, ...]]) -> int | None:
     return None
 
 
+CLIP_L_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+_TOKEN_EMB = "embeddings.token_embedding.weight"
+
+
+def bare_clip_prefix(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """The prefix of a CLIP-L text encoder stored without the `text_model.` level (what
+    transformers 5 saves, and diffusers' conversion script then writes), or None when the
+    checkpoint has the classic `...transformer.text_model.` layout or no CLIP-L."""
+    for prefix in CLIP_L_PREFIXES:
+        if prefix + _TOKEN_EMB in shapes and prefix + "text_model." + _TOKEN_EMB not in shapes:
+            return prefix
+    return None
+
+
+def _clip_l_key(shapes: dict[str, tuple[int, ...]], prefix: str) -> str:
+    bare = prefix + _TOKEN_EMB
+    return bare if bare in shapes else prefix + "text_model." + _TOKEN_EMB
+
+
 def classify_checkpoint_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str]:
     """(family or None, what was detected) for the tensors of an A1111/ComfyUI single file."""
     keys = shapes.keys()
@@ -73,8 +92,10 @@ def classify_checkpoint_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[str | 
     conv_in = shapes.get(_UNET + "input_blocks.0.0.weight")
     in_ch = conv_in[1] if conv_in and len(conv_in) == 4 else None
     ctx = _context_dim(shapes)
-    (clip_l_sd1,) = SD15.detection_keys
-    clip_l_xl, open_clip_xl = SDXL.detection_keys
+    # CLIP-L with or without the `text_model.` level (classic vs transformers-5 layout)
+    clip_l_sd1 = _clip_l_key(shapes, CLIP_L_PREFIXES[0])
+    clip_l_xl = _clip_l_key(shapes, CLIP_L_PREFIXES[1])
+    open_clip_xl = SDXL.detection_keys[1]
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         return None, "an SDXL refiner (OpenCLIP-G text encoder only)"
     if has("cond_stage_model.model."):

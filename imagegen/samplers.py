@@ -104,10 +104,37 @@ def lookup_sampler(name: str) -> SamplerSpec | None:
     return _BY_KEY.get(key)
 
 
-def from_infotext(sampler: str, schedule_type: str = "") -> SamplerSpec | None:
-    """Map A1111 infotext fields (`Sampler`, `Schedule type`) back to a spec."""
+# A1111 >= 1.9 reads a missing (or "Automatic") `Schedule type` as the sampler's own default
+# schedule. Where that default is not the plain one our spec builds, the infotext must say
+# "Uniform" explicitly, or A1111 re-runs e.g. our `DPM++ 2M` as `DPM++ 2M Karras`.
+A1111_DEFAULT_SCHEDULE: dict[str, str] = {
+    "DPM++ 2M": "Karras",
+    "DPM++ SDE": "Karras",
+    "DPM2": "Karras",
+    "DPM2 a": "Karras",
+    "DPM++ 2M SDE": "Exponential",
+}
+UNIFORM = "Uniform"
+
+
+def infotext_schedule(spec: SamplerSpec) -> str:
+    """The `Schedule type:` value to write for `spec` ("" = leave the field out: A1111's
+    Automatic means the same schedule)."""
+    if spec.schedule_type:
+        return spec.schedule_type
+    return UNIFORM if spec.a1111_sampler in A1111_DEFAULT_SCHEDULE else ""
+
+
+def from_infotext(sampler: str, schedule_type: str = "", *, a1111_defaults: bool = True) -> SamplerSpec | None:
+    """Map A1111 infotext fields (`Sampler`, `Schedule type`) back to a spec.
+
+    A missing or "Automatic" schedule means the sampler's A1111 default (`A1111_DEFAULT_SCHEDULE`)
+    when `a1111_defaults` (A1111 >= 1.9), else the plain schedule (older files, and imagegen's
+    own files, which always write the schedule where it matters); "Uniform" is the plain one."""
     sched = schedule_type.strip()
-    if sched and sched.lower() not in ("automatic", ""):
+    if sched.lower() in ("", "automatic"):
+        sched = A1111_DEFAULT_SCHEDULE.get(" ".join(sampler.split()), "") if a1111_defaults else ""
+    if sched and sched.lower() != UNIFORM.lower():
         spec = lookup_sampler(f"{sampler} {sched}")
         if spec is not None:
             return spec

@@ -116,8 +116,11 @@ def _hf_text_keys(sd: dict) -> dict:
     return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in sd.items()}
 
 
-def clip_to_ldm(sd: dict, prefix: str) -> dict:
-    """CLIP-L in its HF layout under `prefix` (as SD1.x and SDXL single files store it)."""
+def clip_to_ldm(sd: dict, prefix: str, text_model_level: bool = True) -> dict:
+    """CLIP-L in its HF layout under `prefix` (as SD1.x and SDXL single files store it); without
+    `text_model_level`, in the transformers-5 layout (no `text_model.` level)."""
+    if not text_model_level:
+        return {prefix + k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
     return {prefix + k: v for k, v in _hf_text_keys(sd).items() if not k.endswith("position_ids")}
 
 
@@ -152,19 +155,20 @@ def open_clip_to_ldm(sd: dict, prefix: str = "conditioner.embedders.1.model.") -
     return out
 
 
-def make_single_file(path: str | Path, family: str, folder: str | Path | None = None) -> Path:
+def make_single_file(path: str | Path, family: str, folder: str | Path | None = None, text_model_level: bool = True) -> Path:
     """Write the tiny model of `family` (or the diffusers `folder`) as one A1111-layout
-    `.safetensors` file. Load it with `open_engine(path, _config_dir=<the folder>)`."""
+    `.safetensors` file. Load it with `open_engine(path, _config_dir=<the folder>)`.
+    `text_model_level=False` writes CLIP-L without the `text_model.` level (transformers-5 layout)."""
     from safetensors.torch import save_file
 
     src = Path(folder) if folder else tiny_folder(family)
     sd = unet_to_ldm(_load_dir(src / "unet"), _config(src / "unet"))
     sd.update(vae_to_ldm(_load_dir(src / "vae"), _config(src / "vae")))
     if family == "sdxl":
-        sd.update(clip_to_ldm(_load_dir(src / "text_encoder"), "conditioner.embedders.0.transformer."))
+        sd.update(clip_to_ldm(_load_dir(src / "text_encoder"), "conditioner.embedders.0.transformer.", text_model_level))
         sd.update(open_clip_to_ldm(_load_dir(src / "text_encoder_2")))
     else:
-        sd.update(clip_to_ldm(_load_dir(src / "text_encoder"), "cond_stage_model.transformer."))
+        sd.update(clip_to_ldm(_load_dir(src / "text_encoder"), "cond_stage_model.transformer.", text_model_level))
     path = Path(path)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path

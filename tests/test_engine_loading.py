@@ -65,6 +65,26 @@ def test_single_file_renders_same_pixels_as_folder(family, single_files):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), comp
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_single_file_without_text_model_level_loads(family, single_files, tmp_path):
+    """transformers 5 saves CLIP without `text_model.`; single files converted from such a folder
+    keep that layout (A1111 loads them; diffusers' own loader does not)."""
+    from imagegen.modelfiles import bare_clip_prefix, read_safetensors_shapes
+
+    folder = tiny_folder(family)
+    bare = make_single_file(tmp_path / f"bare-{family}.safetensors", family, text_model_level=False)
+    shapes = read_safetensors_shapes(bare)
+    assert not any(".text_model." in k for k in shapes) and bare_clip_prefix(shapes)
+    assert bare_clip_prefix(read_safetensors_shapes(single_files[family])) is None
+    assert detect_family(bare) == family
+    eng = open_engine(str(bare), device="cpu", _config_dir=folder)
+    ref = open_engine(str(folder), device="cpu")
+    sa, sb = ref.pipeline.text_encoder.state_dict(), eng.pipeline.text_encoder.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for a, b in zip(render(ref, JOBS[:1]), render(eng, JOBS[:1])):
+        assert np.abs(a - b).max() <= 1
+
+
 def test_lora_on_single_file_model(single_files, tmp_path):
     folder = tiny_folder("sdxl")
     eng = open_engine(str(single_files["sdxl"]), device="cpu", _config_dir=folder)

@@ -46,3 +46,61 @@ def test_file_hash_is_cached_and_follows_changes(tmp_path, monkeypatch):
     a = sha256_file(folder)
     (folder / "unet" / "w.bin").write_bytes(b"22")
     assert sha256_file(folder) != a
+
+
+def test_addnet_hash_skips_the_header_and_prefers_kohya_metadata(tmp_path, monkeypatch):
+    import hashlib
+    import struct
+
+    torch = __import__("pytest").importorskip("torch")
+    from safetensors.torch import save_file
+
+    from imagegen.metadata import addnet_hash, addnet_hash_of_file
+
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    plain = tmp_path / "a.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 3)}, str(plain), metadata={"ss_network_dim": "4"})
+    data = plain.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert addnet_hash(plain) == addnet_hash_of_file(plain) == hashlib.sha256(data[8 + n:]).hexdigest()
+    # the same tensors with other metadata: same AddNet hash, other file hash
+    other = tmp_path / "b.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 3)}, str(other), metadata={"ss_network_dim": "8"})
+    assert addnet_hash(other) == addnet_hash(plain) and file_sha256(other) != file_sha256(plain)
+    kohya = tmp_path / "k.safetensors"
+    save_file({"w": torch.ones(1)}, str(kohya), metadata={"sshs_model_hash": "ABCDEF0123456789" * 4})
+    assert addnet_hash(kohya) == ("abcdef0123456789" * 4)
+
+
+def test_schedule_type_is_explicit_where_a1111_default_differs():
+    from imagegen.samplers import from_infotext
+
+    def line(scheduler):
+        return format_parameters(prompt="p", negative="", steps=4, scheduler=scheduler, guidance=7, seed=1, width=64,
+                                 height=64, model_name="m").splitlines()[-1]
+
+    for name in ("DPM++ 2M", "DPM++ SDE", "DPM2", "DPM2 a", "DPM++ 2M SDE"):
+        assert "Schedule type: Uniform" in line(name), name
+        assert parse_parameters(line(name).join(["p\n", ""]))["scheduler"] == name
+    for name in ("Euler", "Euler a", "DDIM", "UniPC"):
+        assert "Schedule type" not in line(name)
+    assert "Schedule type: Karras" in line("DPM++ 2M Karras")
+    # how A1111 >= 1.9 reads a missing schedule (files from A1111 itself)
+    assert from_infotext("DPM++ 2M", "").name == "DPM++ 2M Karras"
+    assert from_infotext("DPM++ 2M", "Automatic").name == "DPM++ 2M Karras"
+    assert from_infotext("DPM++ 2M", "Uniform").name == "DPM++ 2M"
+    assert from_infotext("DPM++ 2M", "", a1111_defaults=False).name == "DPM++ 2M"
+    assert from_infotext("Euler a", "").name == "Euler a"
+    assert parse_parameters("p\nSteps: 4, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1")["scheduler"] == "DPM++ 2M Karras"
+
+
+def test_provenance_chunk_is_strict_json():
+    import json
+
+    from imagegen.metadata import strict_json
+
+    def refuse(name):
+        raise ValueError(name)
+
+    text = strict_json({"a": float("-inf"), "b": [float("inf"), float("nan"), 1.5], "c": {"d": (1, 2)}})
+    assert json.loads(text, parse_constant=refuse) == {"a": "-Infinity", "b": ["Infinity", "NaN", 1.5], "c": {"d": [1, 2]}}

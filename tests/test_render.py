@@ -482,3 +482,37 @@ def test_manifest_disk_full_stops_cleanly_and_the_images_are_adopted(tmp_path):
     finally:
         store.close()
     assert events[0]["adopted"] >= 1 and s.rendered + events[0]["adopted"] + 2 == 6
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metadata_that_a1111_and_json_readers_take_at_face_value(tmp_path):
+    """AddNet LoRA hash in `Lora hashes` (full-file sha256 in the JSON), an explicit `Schedule
+    type` where A1111's default schedule differs, and strict JSON (DPM++ 2M's scheduler config
+    holds `lambda_min_clipped: -inf`)."""
+    import hashlib
+    import struct
+
+    from engine_fixtures import make_tiny_lora
+
+    lora = make_tiny_lora(tmp_path / "style.safetensors", "sd15", seed=3)
+    data = lora.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    addnet = hashlib.sha256(data[8 + n:]).hexdigest()
+    text = RECIPE.replace("seeds: [11, 12, 13]", "seeds: [11]").replace("scheduler: Euler a", "scheduler: DPM++ 2M")
+    path = write_recipe(tmp_path, text=text, extra="loras:\n  - {path: style.safetensors, weight: 0.5}\n")
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    image = sorted((tmp_path / "run" / "images").glob("*.png"))[0]
+    chunks = read_png_text(image)
+    params = parse_parameters(chunks["parameters"])
+    assert params["Lora hashes"] == f"style: {addnet[:12]}"
+    assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Uniform" and params["scheduler"] == "DPM++ 2M"
+    prov = _strict(chunks["imagegen"])
+    assert prov["loras"][0]["sha256"] == hashlib.sha256(data).hexdigest() != addnet
+    assert prov["loras"][0]["addnet_hash"] == addnet
+    assert prov["scheduler_config"]["lambda_min_clipped"] == "-Infinity"

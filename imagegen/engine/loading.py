@@ -193,6 +193,7 @@ def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cf
             pipe.to(dtype=torch_dtype)
         return pipe, fam
     if kind == "file":
+        extra.update(_bare_clip_text_encoder(ref, cfg_dir, torch_dtype))
         pipe = _pipeline_class(fam).from_single_file(
             ref, config=str(cfg_dir), local_files_only=True, torch_dtype=torch_dtype,
             **builtin.tokenizers(fam), **_extra_kwargs(fam), **extra,
@@ -215,6 +216,39 @@ def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cf
     for attr, value in FAMILY_RECORDS[fam].after_load:
         setattr(pipe, attr, value)
     return pipe, fam
+
+
+def _bare_clip_text_encoder(ref: str, cfg_dir: Path, torch_dtype: Any) -> dict:
+    """{"text_encoder": model} when the file stores CLIP-L without the `text_model.` level
+    (transformers-5 layout), which diffusers' single-file loader does not recognise; else {}.
+    Only the CLIP-L tensors are read here; diffusers loads the rest as usual."""
+    from ..modelfiles import bare_clip_prefix, read_safetensors_shapes
+
+    prefix = bare_clip_prefix(read_safetensors_shapes(ref))
+    if prefix is None:
+        return {}
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with safe_open(ref, framework="pt") as f:
+        sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and not k.endswith("position_ids")}
+    config = CLIPTextConfig.from_pretrained(str(cfg_dir / "text_encoder"), local_files_only=True)
+    model = CLIPTextModel(config)
+    missing, unexpected = _load_text_state(model, sd)
+    if missing or unexpected:
+        raise ModelError(f"{ref}: its CLIP text encoder (under `{prefix}`) does not fit the {cfg_dir.name} layout: "
+                         f"{len(missing)} missing, {len(unexpected)} unexpected keys (e.g. {(missing or unexpected)[0]})")
+    return {"text_encoder": model.to(dtype=torch_dtype).eval()}
+
+
+def _load_text_state(model: Any, sd: dict) -> tuple[list[str], list[str]]:
+    """Load CLIP weights whichever side has the `text_model.` level; (missing, unexpected)."""
+    want = set(model.state_dict())
+    wrapped = any(k.startswith("text_model.") for k in want)
+    fixed = {("text_model." + k if wrapped and not k.startswith("text_model.") else k): v for k, v in sd.items()}
+    result = model.load_state_dict(fixed, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    return missing, list(result.unexpected_keys)
 
 
 def _looks_like_hub_id(ref: str) -> bool:

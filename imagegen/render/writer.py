@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 from imagegen import __version__
 from imagegen.errors import DiskFullError, ImagegenError, is_disk_full
-from imagegen.metadata import format_parameters, png_text_chunks, sha256_file
+from imagegen.metadata import addnet_hash, format_parameters, png_text_chunks, sha256_file
 from imagegen.plan import Job
 from imagegen.recipe import Recipe
 from imagegen.fsutil import write_bytes_atomic
@@ -57,7 +57,8 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
         "axes": dict(job.axes),
         "model": {"checkpoint": job.checkpoint, "sha256": hashes.get(job.checkpoint), "vae": job.vae,
                   "vae_sha256": hashes.get(job.vae) if job.vae else None},
-        "loras": [{"name": lu.name, "path": lu.path, "weight": lu.weight, "sha256": hashes.get(lu.path)} for lu in job.loras],
+        "loras": [{"name": lu.name, "path": lu.path, "weight": lu.weight, "sha256": hashes.get(lu.path),
+                   "addnet_hash": hashes.get(ADDNET + lu.path)} for lu in job.loras],
         "scheduler_config": scheduler_config if scheduler_config is not None else engine.scheduler_config(job.scheduler),
         "versions": library_versions(),
         "device": engine.device,
@@ -72,7 +73,7 @@ def job_parameters(job: Job, hashes: dict[str, str | None], model_name: str) -> 
     return format_parameters(
         prompt=job.prompt, negative=job.negative, steps=job.steps, scheduler=job.scheduler, guidance=job.guidance, seed=job.seed,
         width=job.width, height=job.height, model_name=model_name, model_hash=hashes.get(job.checkpoint),
-        loras=[(lu.name, lu.weight, hashes.get(lu.path)) for lu in job.loras], clip_skip=job.clip_skip,
+        loras=[(lu.name, lu.weight, hashes.get(ADDNET + lu.path)) for lu in job.loras], clip_skip=job.clip_skip,
         version=f"imagegen {__version__}",
     )
 
@@ -95,13 +96,20 @@ def _write_job(store: RunStore, job: Job, image: Any, parameters: str, provenanc
     return path, hashlib.sha256(data).hexdigest(), thumb
 
 
+ADDNET = "addnet:"  # `file_hashes` key prefix of a LoRA's AddNet hash (what A1111's `Lora hashes` shows)
+
+
 def file_hashes(jobs: Iterable[Job]) -> dict[str, str | None]:
-    """sha256 of every model, VAE and LoRA file the jobs use (cached across runs)."""
+    """sha256 of every model, VAE and LoRA file the jobs use (cached across runs), and under
+    `ADDNET + path` each LoRA's AddNet hash."""
     out: dict[str, str | None] = {}
     for job in jobs:
         for ref in (job.checkpoint, job.vae, *(lu.path for lu in job.loras)):
             if ref and ref not in out:
                 out[ref] = sha256_file(ref) if Path(ref).exists() else None
+        for lu in job.loras:
+            if ADDNET + lu.path not in out:
+                out[ADDNET + lu.path] = addnet_hash(lu.path) if Path(lu.path).is_file() else None
     return out
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from imagegen.defaults import JPEG_MAX_SIDE
 from imagegen.errors import InputError
-from imagegen.metadata import png_chunk, png_text_chunk
+from imagegen.metadata import png_chunk, png_text_chunk, strict_json
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -117,7 +117,7 @@ def write_tiff(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: in
     if parameters:
         extratags.append((TAG_PARAMETERS, 7, None, parameters.encode("utf-8"), True))
     if imagegen is not None:
-        extratags.append((TAG_IMAGEGEN, 7, None, json.dumps(imagegen, ensure_ascii=False).encode("utf-8"), True))
+        extratags.append((TAG_IMAGEGEN, 7, None, strict_json(imagegen).encode("utf-8"), True))
     description = parameters.encode("ascii", "backslashreplace").decode("ascii") if parameters else None
     tiles_per_row = -(-width // TIFF_TILE)
     encoded = pipelined(
@@ -170,7 +170,7 @@ def write_png(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int
     if parameters:
         f.write(png_text_chunk("parameters", parameters))
     if imagegen is not None:
-        f.write(png_text_chunk("imagegen", json.dumps(imagegen, ensure_ascii=False)))
+        f.write(png_text_chunk("imagegen", strict_json(imagegen)))
     comp = zlib.compressobj(level)
     pending = bytearray()
     rows_seen = 0
@@ -223,7 +223,7 @@ def write_jpeg(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: in
     if parameters:
         # EXIF UserComment with the UNICODE (UCS-2 big-endian) prefix, as A1111 writes it.
         exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + parameters.encode("utf-16-be")
-    comment = json.dumps(imagegen, ensure_ascii=False).encode("utf-8") if imagegen is not None else b""
+    comment = strict_json(imagegen).encode("utf-8") if imagegen is not None else b""
     kwargs = {"comment": comment} if 0 < len(comment) <= 65000 else {}
     canvas.save(f, format="JPEG", quality=quality, exif=exif.tobytes(), **kwargs)
 
