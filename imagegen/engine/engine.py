@@ -46,6 +46,8 @@ class GenRequest:
     guidance: float
     scheduler: str
     clip_skip: int | None = None
+    prompt_syntax: str = "a1111"  # "a1111": weights, BREAK, 75-token chunks; "plain": text as written (<= 75 tokens)
+    emphasis: str = "original"  # A1111 emphasis: "original" | "no-norm" | "ignore" (see engine/text.py)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Engine:
         self._lora_stamps: tuple = ()  # (size, mtime) of each fused file: a rewritten file is reloaded
         self._backup: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._prompt_cache: dict[tuple, tuple] = {}
+        self._text_state = None  # textual-inversion embeddings (engine/text.py TextState)
 
     # -- schedulers --------------------------------------------------------------------------
 
@@ -218,6 +221,20 @@ class Engine:
         self._lora_stamps = ()
         self._prompt_cache = {}
 
+    # -- textual-inversion embeddings --------------------------------------------------------
+
+    def set_embeddings(self, paths: Sequence[str | Path]) -> None:
+        """Make exactly `paths` the textual-inversion embeddings that prompts may name (by file
+        stem). Raises ModelError for a file that does not fit this model."""
+        from .text import load_embeddings
+
+        want = tuple(str(p) for p in paths)
+        if want == (self._text_state.paths if self._text_state else ()):
+            return
+        encoders = [self.pipeline.text_encoder] + ([self.pipeline.text_encoder_2] if self.family == "sdxl" else [])
+        self._text_state = load_embeddings(want, self.family, [e.config.hidden_size for e in encoders]) if want else None
+        self._prompt_cache = {}
+
     # -- generation --------------------------------------------------------------------------
 
     def _check(self, requests: Sequence[GenRequest]) -> GenRequest:
@@ -239,19 +256,37 @@ class Engine:
             raise InputError(f"`steps` must be >= 1, got {first.steps}")
         if first.clip_skip is not None and first.clip_skip < 1:
             raise InputError(f"`clip_skip` must be >= 1 (A1111 convention), got {first.clip_skip}")
+        from ..prompt_syntax import EMPHASES, PROMPT_SYNTAXES
+
+        for r in requests:
+            if r.prompt_syntax not in PROMPT_SYNTAXES or r.emphasis not in EMPHASES:
+                raise InputError(f"`prompt_syntax` must be one of {', '.join(PROMPT_SYNTAXES)} and `emphasis` one of "
+                                 f"{', '.join(EMPHASES)}; got {r.prompt_syntax!r}, {r.emphasis!r}")
         scheduler_spec(first.scheduler)
         return first
 
-    def _encode(self, prompt: str, negative: str, cfg: bool, clip_skip: int | None) -> tuple:
-        """Prompt embeddings for one (prompt, negative) pair, batch size 1, exactly as the pipeline
-        would compute them itself; cached per LoRA set."""
-        key = (prompt, negative, cfg, clip_skip)
+    def _encode(self, prompt: str, negative: str, cfg: bool, clip_skip: int | None, syntax: str = "a1111",
+                emphasis: str = "original") -> tuple:
+        """Prompt embeddings for one (prompt, negative) pair, batch size 1: A1111 chunks and
+        weights (engine/text.py) when the text needs them, else exactly as the pipeline would
+        compute them itself; cached per LoRA set and embeddings."""
+        key = (prompt, negative, cfg, clip_skip, syntax, emphasis)
         hit = self._prompt_cache.get(key)
         if hit is not None:
             return hit
         import torch
 
+        from . import text
+
         pipe = self.pipeline
+        if text.needs_chunking((prompt, negative) if cfg else (prompt,), syntax, emphasis, self._text_state):
+            with text_model_alias(pipe.text_encoder):
+                out = text.encode_pair(pipe, self.family, prompt, negative, cfg=cfg, clip_skip=clip_skip, syntax=syntax,
+                                       emphasis=emphasis, state=self._text_state)
+            if len(self._prompt_cache) > 64:
+                self._prompt_cache.clear()
+            self._prompt_cache[key] = out
+            return out
         neg = negative if negative else None
 
         def encode(text: str | None, with_cfg: bool) -> tuple:
@@ -306,7 +341,15 @@ class Engine:
 
         try:
             # 3. Encode each distinct prompt pair once, then stack in request order.
-            enc = [self._encode(r.prompt, r.negative, cfg, clip_skip) for r in requests]
+            enc = [self._encode(r.prompt, r.negative, cfg, clip_skip, r.prompt_syntax, r.emphasis) for r in requests]
+            lengths = [e[0].shape[1] for e in enc]  # 77 x chunks
+            if len(set(lengths)) > 1:  # never pad one image's prompt for another's: one call per length
+                results: list[GenResult | None] = [None] * len(requests)
+                for n in dict.fromkeys(lengths):
+                    idx = [i for i, m in enumerate(lengths) if m == n]
+                    for i, res in zip(idx, self.generate([requests[i] for i in idx])):
+                        results[i] = res
+                return results  # type: ignore[return-value]
             kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([e[0] for e in enc])}
             if cfg:
                 kwargs["negative_prompt_embeds"] = torch.cat([e[1] for e in enc])
