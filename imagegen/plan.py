@@ -46,6 +46,9 @@ class Job:
     scheduler: str
     clip_skip: int
     axes: tuple[tuple[str, str], ...]  # (axis key, value label) for every axis, in plan order
+    prompt_syntax: str = "a1111"
+    emphasis: str = "original"
+    embeddings: tuple[str, ...] = ()  # textual-inversion files the prompt or negative uses
 
     @property
     def group_key(self) -> tuple:
@@ -57,7 +60,8 @@ class Job:
         return canonical_content(
             checkpoint=self.checkpoint, vae=self.vae, loras=self.loras, prompt=self.prompt, negative=self.negative,
             seed=self.seed, width=self.width, height=self.height, steps=self.steps, guidance=self.guidance,
-            scheduler=self.scheduler, clip_skip=self.clip_skip,
+            scheduler=self.scheduler, clip_skip=self.clip_skip, prompt_syntax=self.prompt_syntax, emphasis=self.emphasis,
+            embeddings=self.embeddings,
         )
 
     def to_dict(self) -> dict:
@@ -67,9 +71,18 @@ class Job:
 
 
 def canonical_content(*, checkpoint: str, vae: str | None, loras: tuple[LoraUse, ...], prompt: str, negative: str,
-                      seed: int, width: int, height: int, steps: int, guidance: float, scheduler: str, clip_skip: int) -> dict:
-    """What a job's id is the hash of (and what reproduces its image)."""
-    return {
+                      seed: int, width: int, height: int, steps: int, guidance: float, scheduler: str, clip_skip: int,
+                      prompt_syntax: str = "a1111", emphasis: str = "original", embeddings: tuple[str, ...] = ()) -> dict:
+    """What a job's id is the hash of (and what reproduces its image). Prompt-syntax keys appear
+    only when they differ from the defaults, so ids of earlier jobs stay as they were."""
+    extra: dict = {}
+    if prompt_syntax != "a1111":
+        extra["prompt_syntax"] = prompt_syntax
+    if emphasis != "original":
+        extra["emphasis"] = emphasis
+    if embeddings:
+        extra["embeddings"] = list(embeddings)
+    return {**extra,
         "model": checkpoint,
         "vae": vae,
         "loras": [[lu.path, float(lu.weight)] for lu in loras],
@@ -134,11 +147,13 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
     for lora_set, stack, lora_labels in lora_choices(recipe):
         for (w, h), steps, scheduler, guidance in itertools.product(recipe.sizes, recipe.steps, recipe.schedulers, recipe.guidance):
             for number, pv in enumerate(recipe.prompts, 1):
+                loras = stack + tuple(LoraUse(p, n, wt) for p, n, wt in pv.loras)  # `<lora:...>` tags
                 for seed in recipe.seeds:
                     index += 1
                     content = canonical_content(
-                        checkpoint=recipe.checkpoint, vae=recipe.vae, loras=stack, prompt=pv.text, negative=recipe.negative,
+                        checkpoint=recipe.checkpoint, vae=recipe.vae, loras=loras, prompt=pv.text, negative=recipe.negative,
                         seed=seed, width=w, height=h, steps=steps, guidance=guidance, scheduler=scheduler, clip_skip=recipe.clip_skip,
+                        prompt_syntax=recipe.prompt_syntax, emphasis=recipe.emphasis, embeddings=pv.embeddings,
                     )
                     axes = lora_labels + (
                         ("size", f"{w}x{h}"),
@@ -150,9 +165,10 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
                     )
                     yield Job(
                         index=index, id=job_id(content), checkpoint=recipe.checkpoint, family=recipe.family, vae=recipe.vae,
-                        loras=stack, lora_set=lora_set, prompt=pv.text, negative=recipe.negative, template=pv.template,
+                        loras=loras, lora_set=lora_set, prompt=pv.text, negative=recipe.negative, template=pv.template,
                         variant=number, seed=seed, width=w, height=h, steps=steps, guidance=guidance, scheduler=scheduler,
-                        clip_skip=recipe.clip_skip, axes=axes,
+                        clip_skip=recipe.clip_skip, axes=axes, prompt_syntax=recipe.prompt_syntax, emphasis=recipe.emphasis,
+                        embeddings=pv.embeddings,
                     )
 
 

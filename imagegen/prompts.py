@@ -10,6 +10,8 @@ Syntax
   ``#`` comments skipped; a line may use the syntax above). Names may contain ``/`` for
   sub-folders.
 - ``\\{``, ``\\}``, ``\\|``, ``\\$``, ``\\_`` and ``\\\\`` are literal characters.
+  A1111's weight escapes ``\\(`` ``\\)`` ``\\[`` ``\\]`` pass through unchanged (the weight parser
+  reads them after expansion); A1111's ``\\\\`` is written ``\\\\\\\\`` here.
 
 Every template expands combinatorially (all variants, in a stable order); `sample_variants`
 draws N of them reproducibly without enumerating the rest. Errors are `PromptSyntaxError` with
@@ -154,6 +156,7 @@ _Node = Union[_Text, _Seq, _Alt, _Choose]
 # --- the parser -----------------------------------------------------------------------------
 
 _ESCAPABLE = set("{}|$_\\")
+_A1111_ESCAPES = set("()[]")  # `\(` etc. belong to the A1111 weight syntax parsed after expansion
 _WILDCARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-./]*")
 _CHOOSE_HEAD = re.compile(r"\s*(\d+)(?:\s*-\s*(\d+))?\s*\$\$")
 
@@ -194,8 +197,12 @@ class _Parser:
             ch = self.s[self.i]
             if ch == "\\":
                 nxt = self.s[self.i + 1] if self.i + 1 < len(self.s) else ""
+                if nxt in _A1111_ESCAPES:  # for the A1111 weight parser, after expansion: kept as written
+                    buf.append(ch + nxt)
+                    self.i += 2
+                    continue
                 if nxt not in _ESCAPABLE:
-                    raise self.fail("`\\` escapes only `{ } | $ _ \\`")
+                    raise self.fail("`\\` escapes only `{ } | $ _ \\` (and passes A1111's `\\( \\) \\[ \\]` on)")
                 buf.append(nxt)
                 self.i += 2
             elif ch == "{":

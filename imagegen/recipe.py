@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from imagegen import prompts as P
+from imagegen import recipe_prompts
 from imagegen.defaults import (
     BUILTIN_PREFIX, DEFAULT_FORMAT, FORMATS, MAX_RENDER_SIDE, MAX_SEED, MAX_UPSCALE_SIDE, MIN_RENDER_SIDE, MIN_UPSCALE_SIDE,
 )
@@ -64,6 +65,7 @@ SCHEMA: dict[str, Any] = {
     "output": None,
     "upscale": {"model": None, "scale": None, "width": None, "height": None, "format": None, "tile": None},
     "max_jobs": None,
+    **{k: None for k in recipe_prompts.SCHEMA_KEYS},  # prompt_syntax, emphasis, embeddings, lora_dir
 }
 
 
@@ -106,7 +108,9 @@ class PromptVariant:
 
     template: int  # 0-based template number
     variant: int  # 0-based variant number within the template
-    text: str
+    text: str  # what the encoder reads: `<lora:...>` tags removed
+    loras: tuple[tuple[str, str, float], ...] = ()  # (path, name, weight) from the prompt's `<lora:...>` tags
+    embeddings: tuple[str, ...] = ()  # embedding files the prompt or the negative uses
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,10 @@ class Recipe:
     max_jobs: int
     text: str = field(repr=False, default="")
     warnings: tuple[str, ...] = ()
+    prompt_syntax: str = "a1111"  # a1111 | plain (see prompt_syntax.py)
+    emphasis: str = "original"  # original | no-norm | ignore
+    embeddings: tuple[str, ...] = ()  # textual-inversion files on offer (absolute paths)
+    lora_dir: str | None = None  # where `<lora:name:w>` tags find `name.safetensors`
 
 
 # --- YAML with positions --------------------------------------------------------------------
@@ -782,6 +790,8 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     loras, lora_sets = _loras(doc, data, base)
     templates, variants, _ = _prompt_variants(doc, data, base)
     negative = _text(doc, data, "negative", default=DEFAULTS["negative"]) or ""
+    prompt_cfg = recipe_prompts.settings(doc, data, base)
+    variants = recipe_prompts.check_prompts(doc, data, prompt_cfg, variants, negative, tuple(s.path for s in loras))
     if re.search(r"(?<!\\)\{[^}]*(?<!\\)\||__[A-Za-z0-9][\w\-./]*__", negative):
         doc.problem(("negative",), "`negative` is used as written: variant syntax `{a|b}` and `__wildcards__` are only "
                                    "expanded in prompts (put the variants in the prompt, or sweep with several recipes)")
@@ -841,6 +851,10 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         max_jobs=max_jobs,
         text=text,
         warnings=tuple(doc.missing),
+        prompt_syntax=prompt_cfg.syntax,
+        emphasis=prompt_cfg.emphasis,
+        embeddings=prompt_cfg.embeddings,
+        lora_dir=prompt_cfg.lora_dir,
     )
     _check_job_count(doc, data, recipe)
     return recipe

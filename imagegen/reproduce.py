@@ -73,15 +73,17 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
         raise InputError(f"{path}: an upscaled image; reproduce its source render instead "
                          f"({source or 'the image in images/'}): imagegen reproduce {where}")
     c = prov["content"]
-    for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"])]:
+    for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"]), *c.get("embeddings", [])]:
         if ref and not ref.startswith("builtin:") and not Path(ref).exists():
             raise InputError(f"{path}: the image was rendered with `{ref}`, which is no longer there")
     engine = (open_engine or default_open)(c["model"], family=prov.get("family") or "auto", vae=c.get("vae"),
                                            device=device, dtype=dtype)
     engine.set_loras([(p, w) for p, w in c["loras"]])
+    if c.get("embeddings"):
+        engine.set_embeddings(c["embeddings"])
     w, h = c["size"]
     request = GenRequest(c["prompt"], c["negative"], c["seed"], w, h, c["steps"], c["guidance"], c["scheduler"],
-                         c["clip_skip"])
+                         c["clip_skip"], c.get("prompt_syntax", "a1111"), c.get("emphasis", "original"))
     [result] = engine.generate([request])
     if result.image is None:
         raise InputError(f"{path}: the new render failed: {result.error}")

@@ -170,3 +170,59 @@ def test_mean_rescale_keeps_the_mean_and_guards_zero():
     assert torch.equal(apply_emphasis(z, w, "ignore"), z)
     centred = z - z.mean()  # mean ~0: no rescale (it would amplify noise), weights still applied
     assert torch.allclose(apply_emphasis(centred, w, "original"), centred * w[:, None])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_textual_inversion_vectors_replace_the_name(family, sd15, sdxl, tmp_path):
+    """The embedding's vectors enter exactly where token embeddings of placeholder ids would:
+    the same as writing them into spare rows of the token table and prompting with those ids."""
+    from safetensors.torch import save_file
+
+    from imagegen.errors import ModelError
+
+    eng = {"sd15": sd15, "sdxl": sdxl}[family]
+    pipe = eng.pipeline
+    g = torch.Generator().manual_seed(5)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    vecs = [torch.randn(2, te.config.hidden_size, generator=g) for te in encoders]
+    path = tmp_path / "shinything.safetensors"
+    save_file({"emb_params": vecs[0]} if family == "sd15" else {"clip_l": vecs[0], "clip_g": vecs[1]}, str(path))
+    prompt, negative = "a (shinything:1.2) cup", "blurry"
+    eng.set_embeddings([])
+    without = eng._encode(prompt, negative, True, None)
+    eng.set_embeddings([str(path)])
+    try:
+        with_emb = eng._encode(prompt, negative, True, None)
+        # reference: the same prompt with the name's tokens replaced by two spare ids carrying the vectors
+        spare = [40000, 40001]
+        saved = [te.get_input_embeddings().weight[spare].clone() for te in encoders]
+        with torch.no_grad():
+            for te, v in zip(encoders, vecs):
+                te.get_input_embeddings().weight[spare] = v
+        try:
+            from imagegen.engine import text as T
+            from imagegen import prompt_syntax as ps
+
+            runs = ps.parse_weights(prompt)
+            chunks = ps.chunk_prompt(runs, lambda s: [spare[0], spare[1]] if s == "shinything" else ps.clip_tokenize(s),
+                                     eos=ps.EOS_ID, comma=ps.COMMA_ID)
+            assert chunks[0].tokens[1:3] == tuple(spare)
+            hidden = None if family == "sd15" else -2
+            with torch.no_grad():
+                z, _ = T._encode_chunks(encoders[0], chunks, pad_after_eos=None, hidden=hidden, final_norm=family == "sd15",
+                                        emphasis="original", vectors={}, device="cpu")
+        finally:
+            with torch.no_grad():
+                for te, v in zip(encoders, saved):
+                    te.get_input_embeddings().weight[spare] = v
+        width = encoders[0].config.hidden_size
+        assert torch.allclose(with_emb[0][..., :width], z, atol=1e-5)
+        assert not torch.allclose(with_emb[0], without[0], atol=1e-3)
+        [img] = eng.generate([req(prompt, negative)])
+        assert img.error is None
+    finally:
+        eng.set_embeddings([])
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"emb_params": torch.randn(1, 7)}, str(wrong))
+    with pytest.raises(ModelError, match="wrong"):
+        eng.set_embeddings([str(wrong)])

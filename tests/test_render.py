@@ -516,3 +516,37 @@ def test_metadata_that_a1111_and_json_readers_take_at_face_value(tmp_path):
     assert prov["loras"][0]["sha256"] == hashlib.sha256(data).hexdigest() != addnet
     assert prov["loras"][0]["addnet_hash"] == addnet
     assert prov["scheduler_config"]["lambda_min_clipped"] == "-Infinity"
+
+
+def test_lora_tags_and_embeddings_through_render(tmp_path):
+    """`<lora:gold:0.8>` renders as `loras: [{path: gold, weight: 0.8}]` does; embeddings used
+    by a prompt get `TI hashes`; a non-default emphasis with brackets gets `Emphasis:`."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from engine_fixtures import make_tiny_lora
+
+    (tmp_path / "loras").mkdir()
+    make_tiny_lora(tmp_path / "loras" / "gold.safetensors", "sd15", seed=3)
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(1))}, str(tmp_path / "shiny.safetensors"))
+    base = RECIPE.replace("seeds: [11, 12, 13]", "seeds: [11]").replace('  - "a {{red|blue}} cup"', '  - "a (red:1.3) shiny cup{tag}"')
+    tagged = write_recipe(tmp_path, text=base.replace("{tag}", " <lora:gold:0.8>").replace("output: run", "output: tagged"),
+                          extra="lora_dir: loras\nembeddings: [shiny.safetensors]\nemphasis: no-norm\n")
+    assert run_app(["render", str(tagged), "--no-sheet"]) == 0
+    listed = tmp_path / "listed.yaml"
+    listed.write_text(textwrap.dedent(base.replace("{tag}", "").replace("output: run", "output: listed")).format(model="tiny-sd15")
+                      + "loras:\n  - {path: loras/gold.safetensors, weight: 0.8}\nembeddings: [shiny.safetensors]\nemphasis: no-norm\n")
+    assert run_app(["render", str(listed), "--no-sheet"]) == 0
+    [a] = sorted((tmp_path / "tagged" / "images").glob("*.png"))
+    [b] = sorted((tmp_path / "listed" / "images").glob("*.png"))
+    assert a.name == b.name  # the same job: same content, same id
+    assert np.abs(pixels(a) - pixels(b)).max() == 0
+    params = parse_parameters(read_png_text(a)["parameters"])
+    assert params["prompt"] == "a (red:1.3) shiny cup" and params["loras"] == [("gold", 0.8)]
+    sha = hashlib.sha256((tmp_path / "shiny.safetensors").read_bytes()).hexdigest()
+    assert params["TI hashes"] == f"shiny: {sha[:12]}" and params["Emphasis"] == "No norm"
+    prov = read_provenance(a)
+    assert prov["embeddings"] == [{"name": "shiny", "path": str(tmp_path / "shiny.safetensors"), "sha256": sha}]
+    assert run_app(["reproduce", str(a)]) == 0

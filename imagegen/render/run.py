@@ -194,6 +194,8 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
                                            dtype=opts.dtype, allow_download=opts.allow_download)
     for path in lora_files if not family else ():
         check_lora(path, engine.family)
+    if recipe.embeddings and hasattr(engine, "set_embeddings"):
+        engine.set_embeddings(recipe.embeddings)
     return engine, hashes
 
 
@@ -205,8 +207,8 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
     size 1; or the batch raised)."""
     from imagegen.engine import EngineOOM, GenRequest
 
-    requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip)
-                for j in batch]
+    requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip,
+                           j.prompt_syntax, j.emphasis) for j in batch]
     t0 = time.monotonic()
     try:
         results = engine.generate(requests)

@@ -57,6 +57,7 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
         "axes": dict(job.axes),
         "model": {"checkpoint": job.checkpoint, "sha256": hashes.get(job.checkpoint), "vae": job.vae,
                   "vae_sha256": hashes.get(job.vae) if job.vae else None},
+        "embeddings": [{"name": Path(e).stem, "path": e, "sha256": hashes.get(e)} for e in job.embeddings],
         "loras": [{"name": lu.name, "path": lu.path, "weight": lu.weight, "sha256": hashes.get(lu.path),
                    "addnet_hash": hashes.get(ADDNET + lu.path)} for lu in job.loras],
         "scheduler_config": scheduler_config if scheduler_config is not None else engine.scheduler_config(job.scheduler),
@@ -68,13 +69,28 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
     }
 
 
+def a1111_extra_fields(job: Job, hashes: dict[str, str | None]) -> dict[str, str]:
+    """`Emphasis` (when not A1111's default and the text has weight syntax: plain syntax is A1111's
+    "None") and `TI hashes` (first 12 hex of each used embedding's sha256, as A1111 writes)."""
+    from imagegen.prompt_syntax import A1111_EMPHASIS_NAMES, has_weight_syntax
+
+    extra: dict[str, str] = {}
+    mode = "ignore" if job.prompt_syntax == "plain" else job.emphasis
+    if mode != "original" and (has_weight_syntax(job.prompt) or has_weight_syntax(job.negative)):
+        extra["Emphasis"] = A1111_EMPHASIS_NAMES[mode]
+    ti = [(Path(e).stem, hashes.get(e)) for e in job.embeddings]
+    if any(h for _, h in ti):
+        extra["TI hashes"] = ", ".join(f"{n}: {h[:12]}" for n, h in ti if h)
+    return extra
+
+
 def job_parameters(job: Job, hashes: dict[str, str | None], model_name: str) -> str:
     """The A1111 `parameters` text for a job."""
     return format_parameters(
         prompt=job.prompt, negative=job.negative, steps=job.steps, scheduler=job.scheduler, guidance=job.guidance, seed=job.seed,
         width=job.width, height=job.height, model_name=model_name, model_hash=hashes.get(job.checkpoint),
         loras=[(lu.name, lu.weight, hashes.get(ADDNET + lu.path)) for lu in job.loras], clip_skip=job.clip_skip,
-        version=f"imagegen {__version__}",
+        version=f"imagegen {__version__}", extra=a1111_extra_fields(job, hashes),
     )
 
 
@@ -104,7 +120,7 @@ def file_hashes(jobs: Iterable[Job]) -> dict[str, str | None]:
     `ADDNET + path` each LoRA's AddNet hash."""
     out: dict[str, str | None] = {}
     for job in jobs:
-        for ref in (job.checkpoint, job.vae, *(lu.path for lu in job.loras)):
+        for ref in (job.checkpoint, job.vae, *(lu.path for lu in job.loras), *job.embeddings):
             if ref and ref not in out:
                 out[ref] = sha256_file(ref) if Path(ref).exists() else None
         for lu in job.loras:
