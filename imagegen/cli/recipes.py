@@ -76,3 +76,32 @@ def plan_cmd(
             loras = ", ".join(f"{lu.name}:{lu.weight:g}" for lu in j.loras) or "-"
             table.add_row(str(j.index), j.id, str(j.seed), f"{j.width}x{j.height}", str(j.steps), f"{j.guidance:g}", j.scheduler, loras, j.prompt)
         console.print(table)
+
+
+@app.command("import")
+def import_cmd(
+    source: Path = typer.Argument(..., metavar="IMAGE.png|INFOTEXT.txt", help="An image with metadata, or A1111 infotext.",
+                                  show_default=False),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the recipe here (default: print it)."),
+    lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help="Folder to find the LoRAs in (by AddNet hash, then name)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to use (default: found by name/hash in --model-dir)."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Folder to find the checkpoint in."),
+    name: Optional[str] = typer.Option(None, "--name", help="Recipe name (default: the file name)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+) -> None:
+    """Turn an A1111, civitai, ComfyUI (A1111 text) or imagegen image into a recipe."""
+    from imagegen.errors import InputError
+    from imagegen.importer import import_image
+
+    if out is not None and out.exists() and not force:
+        raise InputError(f"`--out` {out} exists; pass --force to overwrite it")
+    result = import_image(source, lora_dir=lora_dir, model=model, model_dir=model_dir, name=name)
+    if out is None:
+        typer.echo(result.text, nl=False)
+    else:
+        from imagegen.fsutil import write_bytes_atomic
+
+        write_bytes_atomic(out, result.text.encode("utf-8"))
+        typer.echo(f"{out}: recipe written")
+    for note in result.notes:
+        err(f"imagegen import: {note}")
