@@ -78,7 +78,8 @@ def plan_cmd(
         console.print(table)
 
 
-@app.command("import")
+@app.command("import", epilog=examples("imagegen import 00042.png -o start.yaml --lora-dir loras --model-dir models",
+                                         "imagegen import civitai-infotext.txt --model models/dreamshaper_8.safetensors"))
 def import_cmd(
     source: Path = typer.Argument(..., metavar="IMAGE.png|INFOTEXT.txt", help="An image with metadata, or A1111 infotext.",
                                   show_default=False),
