@@ -151,6 +151,7 @@ class Recipe:
     max_jobs: int
     text: str = field(repr=False, default="")
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # advice `validate` and `plan` print (not problems)
     prompt_syntax: str = "a1111"  # a1111 | plain (see prompt_syntax.py)
     emphasis: str = "original"  # original | no-norm | ignore
     embeddings: tuple[str, ...] = ()  # textual-inversion files on offer (absolute paths)
@@ -169,6 +170,7 @@ class _Doc:
         self.file = file
         self.check_files = check_files
         self.missing: list[str] = []  # missing-file problems when files are not checked
+        self.notes: list[str] = []  # advice that is not a problem (e.g. a prompt of many chunks)
         self.lora_files: list[tuple[Path_, str]] = []  # (key path, file) of every LoRA, for family checks
         self.marks: dict[Path_, tuple[int, int]] = {}
         self.key_marks: dict[Path_, tuple[int, int]] = {}
@@ -851,6 +853,7 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         max_jobs=max_jobs,
         text=text,
         warnings=tuple(doc.missing),
+        notes=tuple(doc.notes),
         prompt_syntax=prompt_cfg.syntax,
         emphasis=prompt_cfg.emphasis,
         embeddings=prompt_cfg.embeddings,

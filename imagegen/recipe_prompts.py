@@ -136,8 +136,8 @@ def check_prompts(doc: Any, data: dict, cfg: PromptSettings, variants: tuple, ne
                                  comma=ps.COMMA_ID, embeddings=specs) if text else []
         if len(chunks) > MAX_QUIET_CHUNKS and not warned.get(where):
             warned[where] = True
-            doc.missing.append(f"{doc.at(where)}: {what} {text[:40]!r}... becomes {len(chunks)} chunks of 75 tokens; "
-                               f"A1111 weighs every chunk alike, so words past the first chunks matter less than you may think")
+            doc.notes.append(f"{doc.at(where)}: {what} {text[:40]!r}... becomes {len(chunks)} chunks of 75 tokens "
+                               f"(more than {MAX_QUIET_CHUNKS}); each chunk is encoded on its own: check that it is meant to be this long")
         used = {name for c in chunks for _, name in c.embeddings}
         return tuple(by_stem[n] for n in sorted(used))
 

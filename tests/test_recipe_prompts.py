@@ -71,7 +71,7 @@ def test_lora_tag_problems_name_the_line(tmp_path, lora_dir):
     assert "needs `lora_dir:`" in no_dir[0]
 
 
-def test_prompt_syntax_checks(tmp_path):
+def test_prompt_syntax_checks(tmp_path, capsys):
     long = ", ".join(["a red vase on a wooden table"] * 12)  # ~96 tokens
     got = problems(write(tmp_path, f"prompt_syntax: plain\nprompt: \"{long}\"\n"))
     assert len(got) == 1 and "CLIP tokens" in got[0] and "allows 75" in got[0] and ":5:9:" in got[0]
@@ -81,7 +81,11 @@ def test_prompt_syntax_checks(tmp_path):
     assert "not a number" in problems(write(tmp_path, 'prompt: "(a cat:1.2.3)"\n'))[0]
     huge = ", ".join(["a red vase on a wooden table"] * 40)
     r = load_recipe(write(tmp_path, f"prompt: \"{huge}\"\n"))
-    assert len(r.warnings) == 1 and "chunks of 75 tokens" in r.warnings[0]
+    assert len(r.notes) == 1 and "chunks of 75 tokens" in r.notes[0] and not r.warnings
+    from imagegen.cli import run_app
+
+    assert run_app(["validate", str(tmp_path / "r.yaml")]) == 0
+    assert "chunks of 75 tokens" in capsys.readouterr().err
     assert "`emphasis` must be one of" in problems(write(tmp_path, "emphasis: strong\nprompt: a\n"))[0]
     r = load_recipe(write(tmp_path, "emphasis: no-norm\nprompt: a (cat)\n"))
     [job] = plan(r)

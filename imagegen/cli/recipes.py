@@ -29,6 +29,8 @@ def validate(
             failed += 1
             err(exc.message)
             continue
+        for note in recipe.notes:
+            err(f"{note} (warning)")
         typer.echo(f"{path}: ok, {count_jobs(recipe)} jobs")
     if failed:
         raise typer.Exit(2)
@@ -49,6 +51,8 @@ def plan_cmd(
     recipe = load_recipe(recipe_path, allow_download=allow_download, check_files=False)
     for warning in recipe.warnings:
         err(f"{warning} (warning: `imagegen validate` and `render` need it)")
+    for note in recipe.notes:
+        err(f"{note} (warning)")
     jobs = plan(recipe)
     if as_json:
         typer.echo(json.dumps({"recipe": recipe.name, "recipe_sha256": recipe.sha256, "total": len(jobs), "jobs": [j.to_dict() for j in jobs]}, indent=1, ensure_ascii=False))
