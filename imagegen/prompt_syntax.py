@@ -328,9 +328,14 @@ def _clip_tokenizer():
     return tok
 
 
+@functools.lru_cache(maxsize=65536)
+def _tokens(text: str) -> tuple[int, ...]:
+    return tuple(_clip_tokenizer().encode(text, add_special_tokens=False).ids)
+
+
 def clip_tokenize(text: str) -> list[int]:
-    """CLIP token ids of `text`, without BOS/EOS (torch-free)."""
-    return _clip_tokenizer().encode(text, add_special_tokens=False).ids
+    """CLIP token ids of `text`, without BOS/EOS (torch-free; cached, as prompt variants repeat)."""
+    return list(_tokens(text))
 
 
 COMMA_ID = 267  # "," in the CLIP vocabulary

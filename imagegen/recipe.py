@@ -792,8 +792,6 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     loras, lora_sets = _loras(doc, data, base)
     templates, variants, _ = _prompt_variants(doc, data, base)
     negative = _text(doc, data, "negative", default=DEFAULTS["negative"]) or ""
-    prompt_cfg = recipe_prompts.settings(doc, data, base)
-    variants = recipe_prompts.check_prompts(doc, data, prompt_cfg, variants, negative, tuple(s.path for s in loras))
     if re.search(r"(?<!\\)\{[^}]*(?<!\\)\||__[A-Za-z0-9][\w\-./]*__", negative):
         doc.problem(("negative",), "`negative` is used as written: variant syntax `{a|b}` and `__wildcards__` are only "
                                    "expanded in prompts (put the variants in the prompt, or sweep with several recipes)")
@@ -801,6 +799,8 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     if not _is_int(max_jobs) or max_jobs < 1:
         doc.problem(("max_jobs",), f"`max_jobs` must be a whole number >= 1, got {_show(max_jobs)}")
         max_jobs = DEFAULTS["max_jobs"]
+    prompt_cfg = recipe_prompts.settings(doc, data, base)
+    variants = recipe_prompts.check_prompts(doc, data, prompt_cfg, variants, negative, tuple(s.path for s in loras), max_jobs)
     seeds = _seeds(doc, data, max_jobs)
     size_default = default_size(checkpoint, family)
     if "size" not in data and size_default is None and checkpoint:

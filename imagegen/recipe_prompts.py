@@ -106,10 +106,13 @@ def _lora_index(folder: str | None) -> dict[str, str]:
 
 
 def check_prompts(doc: Any, data: dict, cfg: PromptSettings, variants: tuple, negative: str,
-                  recipe_loras: tuple[str, ...]) -> tuple:
+                  recipe_loras: tuple[str, ...], max_jobs: int | None = None) -> tuple:
     """Variants with their `<lora:...>` tags moved into `loras` and the embeddings they use in
     `embeddings`; problems (bad weights, unknown LoRA names, plain prompts over 75 tokens) go to
-    `doc`, a prompt of more than MAX_QUIET_CHUNKS chunks is a warning."""
+    `doc`, a prompt of more than MAX_QUIET_CHUNKS chunks is a note. More variants than
+    `max_jobs` are left unchecked: the job cap refuses the recipe anyway, and quickly."""
+    if max_jobs is not None and len(variants) > max_jobs:
+        return variants
     index = _lora_index(cfg.lora_dir)
     specs = [ps.Embedding(Path(f).stem, tuple(ps.clip_tokenize(Path(f).stem)), _vector_count(Path(f)))
              for f in cfg.embeddings]
