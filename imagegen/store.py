@@ -368,8 +368,16 @@ class RunStore:
         return report
 
     def _row(self, r: sqlite3.Row) -> JobRow:
+        try:
+            job = json.loads(r["job"])
+            if not isinstance(job, dict):
+                raise ValueError("not a mapping")
+        except (TypeError, ValueError, RecursionError):
+            raise InputError(f"{self.folder / MANIFEST}: the row of job {r['id']} (#{r['idx']}) holds damaged job data; "
+                             f"repair: sqlite3 {self.folder / MANIFEST} \"DELETE FROM jobs WHERE id = '{r['id']}'\" "
+                             "then render the recipe again (that job is planned and rendered again)") from None
         return JobRow(r["id"], r["idx"], r["status"], bool(r["in_plan"]), r["file"], r["sha256"], r["thumb"], r["seconds"],
-                      r["finished_at"], r["error"], r["attempts"], json.loads(r["job"]))
+                      r["finished_at"], r["error"], r["attempts"], job)
 
     def rows(self, *, include_orphans: bool = False, status: str | None = None) -> list[JobRow]:
         """Job rows in index order (planned jobs first)."""

@@ -13,7 +13,7 @@ from typing import Any, Iterator, List, Optional
 
 import typer
 
-from imagegen.cli.app import app, err, examples
+from imagegen.cli.app import app, err, examples, silence_closed_streams
 from imagegen.errors import ImagegenError, InputError, RunLockedError
 
 EXIT_FAILED_JOBS = 1
@@ -55,6 +55,7 @@ class Reporter:
         self.t0 = time.monotonic()
         self.last_line = 0.0
         self.oom_said = False
+        self.reader_gone = False  # stderr/stdout closed (a pipe whose reader left): keep rendering, say nothing
 
     @staticmethod
     def choose(as_json: bool) -> "Reporter":
@@ -65,11 +66,25 @@ class Reporter:
     def line(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         if self.progress is not None:
-            self.progress.console.print(f"{stamp} {text}", highlight=False)
+            self.progress.console.print(f"{stamp} {text}", highlight=False, markup=False)
         else:
             err(f"{stamp} {text}")
 
     def __call__(self, event: dict) -> None:
+        """Show one event. A reader that went away (closed pipe) must not stop an overnight render:
+        from then on nothing is shown; log.jsonl still records every event."""
+        if self.reader_gone:
+            return
+        try:
+            self._show(event)
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            if isinstance(exc, ValueError) and "closed file" not in str(exc):
+                raise
+            self.reader_gone = True
+            self.progress = None
+            silence_closed_streams()
+
+    def _show(self, event: dict) -> None:
         kind = event["event"]
         if self.mode == "json":
             typer.echo(json.dumps(event, ensure_ascii=False, default=str))
@@ -128,8 +143,12 @@ class Reporter:
 
     def stop(self) -> None:
         if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+            progress, self.progress = self.progress, None
+            try:
+                progress.stop()
+            except (OSError, ValueError):
+                self.reader_gone = True
+
 
 
 class StopFlag:
