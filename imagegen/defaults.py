@@ -44,7 +44,7 @@ DTYPES: dict[str, str] = {
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}  # how dtypes are shown and recorded
 
 # --- files ------------------------------------------------------------------------------------
-TMP_PREFIX = ".tmp-"  # temporary files of atomic writes; removed on the next start
+TMP_PREFIX = ".tmp-"  # temporary files of atomic writes (`.tmp-<name>.<pid>.<hex>`); only those are removed on the next start
 BUILTIN_PREFIX = "builtin:"  # checkpoint references to the built-in models: builtin:<name>
 
 

@@ -158,18 +158,25 @@ output: run
 """
 
 
-def test_closed_stderr_pipe_does_not_kill_a_render(tmp_path):
-    recipe = tmp_path / "r.yaml"
+@pytest.fixture(scope="module")
+def piped_run(tmp_path_factory):
+    """A render whose stdout and stderr go to a pipe whose reader left before the first line."""
+    folder = tmp_path_factory.mktemp("piped")
+    recipe = folder / "r.yaml"
     recipe.write_text(textwrap.dedent(RENDER))
     read, write = os.pipe()
-    os.close(read)  # the reader is gone before the first line
-    proc = subprocess.run([sys.executable, "-m", "imagegen", "render", str(recipe), "--no-sheet"], cwd=tmp_path,
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "imagegen", "render", str(recipe), "--no-sheet"], cwd=folder,
                           stdout=write, stderr=write, timeout=900)
     os.close(write)
-    assert proc.returncode == 0
-    assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 2
-    log = (tmp_path / "run" / "log.jsonl").read_text()
-    assert log.count('"event": "image"') == 2
+    return proc.returncode, folder / "run"
+
+
+def test_closed_stderr_pipe_does_not_kill_a_render(piped_run):
+    code, run = piped_run
+    assert code == 0
+    assert len(list((run / "images").glob("*.png"))) == 2
+    assert (run / "log.jsonl").read_text().count('"event": "image"') == 2
 
 
 # --- hypothesis: the classes ---------------------------------------------------------------------
@@ -232,3 +239,157 @@ def test_huge_lists_are_refused_by_count(tmp_path, n, cap):
             load_recipe(path)
     else:
         assert len(load_recipe(path).seeds) == n
+
+
+# --- finding 1: short writes ---------------------------------------------------------------------
+
+
+class FailingDisk:
+    """The low-level write of `imagegen.fsutil`, failing after `budget` bytes: the write that
+    crosses the budget is short (as a nearly full disk gives), the next one raises ENOSPC."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.real = os.write
+
+    def __call__(self, fd: int, data) -> int:
+        if self.budget <= 0:
+            raise OSError(28, "No space left on device")
+        n = min(len(data), self.budget)
+        self.budget -= n
+        return self.real(fd, bytes(data[:n]))
+
+
+def writers(folder: Path):
+    """Every kind of file imagegen writes, each as (final path, a call that writes it)."""
+    import numpy as np
+    from PIL import Image
+
+    from imagegen import fsutil
+    from imagegen.picks import write_picks
+    from imagegen.thumbs import save_thumbnail_atomic
+    from imagegen.upscale.writers import WRITERS
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    out = {
+        "thumb.jpg": lambda p: save_thumbnail_atomic(image, p),
+        "sheet.jpg": lambda p: fsutil.write_atomic(p, lambda f: image.save(f, format="JPEG", quality=90)),
+        "image.png": lambda p: fsutil.write_atomic(p, lambda f: image.save(f, format="PNG")),
+        "index.html": lambda p: fsutil.write_bytes_atomic(p, b"<html>" + b"x" * 50_000 + b"</html>"),
+        "picks.txt": lambda p: write_picks(p, range(1, 3000)),
+        "recipe.yaml": lambda p: fsutil.write_bytes_atomic(p, b"name: r\n" * 5000),
+    }
+    for fmt, writer in WRITERS.items():
+        out[f"up.{fmt}"] = (lambda p, w=writer: fsutil.write_atomic(
+            p, lambda f: w(f, iter([pixels[:48], pixels[48:]]), 80, 96, 3, "params", {"k": "v"})))
+    return {folder / name: fn for name, fn in out.items()}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.integers(0, 40_000))
+def test_short_writes_never_leave_a_partial_file_under_a_final_name(tmp_path, monkeypatch, budget):
+    from imagegen import fsutil
+
+    folder = tmp_path / str(budget)
+    folder.mkdir()
+    for path, write in writers(folder).items():
+        path.write_bytes(b"OLD")
+        monkeypatch.setattr(fsutil, "_os_write", FailingDisk(budget))
+        try:
+            write(path)
+        except OSError as exc:
+            assert exc.errno == 28
+            assert path.read_bytes() == b"OLD", path.name  # untouched
+        else:
+            monkeypatch.setattr(fsutil, "_os_write", os.write)
+            reference = folder / ("ref-" + path.name)
+            write(reference)  # the complete file, written without a failing disk
+            assert path.read_bytes() == reference.read_bytes(), path.name
+            reference.unlink()
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_full_disk_is_one_line_exit_1_naming_what_to_do(piped_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from imagegen import fsutil
+
+    run = tmp_path / "run"
+    shutil.copytree(piped_run[1], run)
+    monkeypatch.setattr(fsutil, "_os_write", FailingDisk(0))
+    for command in (["pick", str(run), "1"], ["sheet", str(run)]):
+        code = run_app(command)
+        said = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(said) == 1 and "disk full" in said[0] and "run the same command" in said[0], said
+    assert not (run / "picks.txt").exists() and not list((run / "sheets").glob("*.jpg"))
+
+
+# --- finding 4: damaged images -------------------------------------------------------------------
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:3000] if len(data) > 3000 else data[: len(data) // 2])
+    elif how == "random":
+        path.write_bytes(os.urandom(len(data)))
+    elif how == "bomb":  # a valid PNG that declares 60000x60000 (IHDR with a correct CRC)
+        import zlib
+
+        ihdr = b"IHDR" + struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+        chunk = struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+        path.write_bytes(data[:8] + chunk + data[33:])
+    elif how == "flipped":  # same size, intact ends: only the sha256 sees it
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "random", "bomb"])
+def test_damaged_images_go_back_to_pending(piped_run, tmp_path, how):
+    import shutil
+
+    from imagegen.store import RunStore
+
+    run = tmp_path / "run"
+    shutil.copytree(piped_run[1], run)
+    victim = sorted((run / "images").glob("*.png"))[0]
+    damage(victim, how)
+    with RunStore.open(run) as store:
+        report = store.reconcile()
+        assert len(report.damaged) == 1 and victim.name in report.damaged[0]
+        assert store.counts()["pending"] == 1 and store.counts()["done"] == 1
+
+
+@pytest.mark.parametrize("how", ["truncated", "random", "bomb", "flipped"])
+def test_status_verify_reports_every_damaged_image(piped_run, tmp_path, capsys, how):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(piped_run[1], run)
+    assert run_app(["status", str(run), "--verify"]) == 0
+    victim = sorted((run / "images").glob("*.png"))[1]
+    damage(victim, how)
+    capsys.readouterr()
+    assert run_app(["status", str(run), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "damaged: job 2" in out and "1/2 done images match" in out
+
+
+@FAST
+@given(data=st.binary(max_size=4000), cut=st.integers(0, 4000))
+def test_any_damaged_png_bytes_are_caught_without_pillow(tmp_path, data, cut):
+    from imagegen.store import png_problem
+
+    good = tmp_path / "good.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(good)
+    raw = good.read_bytes()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(raw[: min(cut, len(raw) - 1)] + data)
+    assert png_problem(good, 64, 64) is None
+    if bad.read_bytes() != raw:
+        looks_fine = png_problem(bad, 64, 64) is None
+        assert not looks_fine or bad.read_bytes().endswith(raw[-12:])

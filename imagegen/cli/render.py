@@ -336,13 +336,17 @@ def _sheets_quietly(store: Any) -> None:
 def status(
     runs: List[Path] = typer.Argument(..., metavar="RUN", help="Run folders.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Read every image and compare it with its recorded sha256; exit 1 if any is damaged."),
 ) -> None:
     """Where a run stands: done, pending, failed, orphaned, rate, last error, time left."""
     from imagegen.api import status as run_status
 
-    reports = [run_status(run) for run in runs]
+    reports = [run_status(run, verify=verify) for run in runs]
+    damaged = sum(len(s.get("damaged", ())) for s in reports)
     if as_json:
         typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=1, default=str))
+        if damaged:
+            raise typer.Exit(1)
         return
     for s in reports:
         rate = f"{s['rate']:.2f} img/s" if s["rate"] else "n/a"
@@ -355,6 +359,14 @@ def status(
             typer.echo(f"  orphaned (no longer in the recipe, kept): {o['id']} {o['file'] or '(no image)'}")
         if len(s["orphans"]) > 10:
             typer.echo(f"  ... and {len(s['orphans']) - 10} more orphaned")
+        for d in s.get("damaged", ()):
+            typer.echo(f"  damaged: job {d['index']} ({d['id']}) {d['file'] or ''}: {d['problem']}")
+        if verify:
+            n = len(s.get("damaged", ()))
+            typer.echo(f"  verify: {s['done'] - n}/{s['done']} done images match their sha256"
+                       + (f"; {n} damaged: delete them and run `imagegen render` on the recipe to render them again" if n else ""))
+    if damaged:
+        raise typer.Exit(1)
 
 
 @app.command(epilog=examples("imagegen reproduce runs/example/images/0001-3847c5df9d1e.png",
