@@ -122,7 +122,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             tmp.unlink()
         except OSError:
             pass
-        if isinstance(exc, OSError) and exc.filename is None:
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
             exc.filename = str(path)
         raise
     fsync_dir(path.parent)
