@@ -100,14 +100,18 @@ def render(
         return summary
 
 
-def status(run: str | Path) -> dict[str, Any]:
+def status(run: str | Path, *, verify: bool = False) -> dict[str, Any]:
     """Where a run stands, as `imagegen status --json` prints it: done, pending, failed,
-    orphaned, total, rate, eta_seconds, last_error, orphans. Raises InputError when `run` is
-    not a run folder."""
+    orphaned, total, rate, eta_seconds, last_error, orphans; with `verify`, also `damaged`
+    (done images missing or not matching their recorded sha256). Raises InputError when `run`
+    is not a run folder."""
     from imagegen.store import RunStore
 
     with RunStore.open(Path(run), create=False, lock=False) as store:
-        return store.status()
+        out = store.status()
+        if verify:
+            out["damaged"] = store.verify_files()
+        return out
 
 
 def pick(run: str | Path, *picks: int | str, remove: bool = False, clear: bool = False,

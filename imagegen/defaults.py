@@ -18,6 +18,12 @@ MAX_UPSCALE_SIDE = 65_000  # longest upscaled output side (TIFF/PNG could go fur
 MIN_UPSCALE_SIDE = 16  # smallest `upscale.width` / `upscale.height`
 JPEG_MAX_SIDE = 65_500  # JPEG stores sides in 16 bits (with a margin for the codec)
 
+# --- recipe limits: checked before anything is built (count first, then expand) --------------
+MAX_RECIPE_BYTES = 4 << 20  # a recipe file larger than this is refused before it is parsed
+MAX_YAML_DEPTH = 40  # nested lists/mappings in a recipe (real recipes nest 4 deep)
+MAX_YAML_VALUES = 100_000  # values a recipe may hold once YAML aliases (`*name`) are followed
+MAX_JOBS_LIMIT = 10_000_000  # the largest `max_jobs` a recipe may set: a manifest row per job must fit a disk
+
 # --- upscale output formats -----------------------------------------------------------------
 # Canonical format -> the spellings accepted on the command line and as file suffixes.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -38,7 +44,7 @@ DTYPES: dict[str, str] = {
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}  # how dtypes are shown and recorded
 
 # --- files ------------------------------------------------------------------------------------
-TMP_PREFIX = ".tmp-"  # temporary files of atomic writes; removed on the next start
+TMP_PREFIX = ".tmp-"  # temporary files of atomic writes (`.tmp-<name>.<pid>.<hex>`); only those are removed on the next start
 BUILTIN_PREFIX = "builtin:"  # checkpoint references to the built-in models: builtin:<name>
 
 

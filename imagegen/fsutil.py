@@ -7,12 +7,18 @@ starts with `.tmp-` is ours and half-written; `remove_temp_files` clears it on t
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import IO, Callable
 
 from imagegen.defaults import TMP_PREFIX
+
+
+_OUR_TEMP = re.compile(re.escape(TMP_PREFIX) + r".+\.\d+(\.[0-9a-f]{6})?")
 
 
 def temp_path(path: Path) -> Path:
@@ -34,25 +40,90 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _CheckedRaw(io.RawIOBase):
+    """The temporary file as a raw stream that never loses a short write: every `write` loops
+    until all bytes are out and raises ENOSPC when the disk takes none. It has no `fileno()`,
+    so Pillow cannot bypass it with its own C writes (which ignore short writes). `high` is
+    the largest offset written: the size the finished file must have."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.high = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = _os_write(self.fd, view[done:])
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "no space left on device (short write)")
+            done += n
+        self.high = max(self.high, os.lseek(self.fd, 0, os.SEEK_CUR))
+        return done
+
+    def readinto(self, buffer) -> int:
+        data = os.read(self.fd, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def close(self) -> None:  # the fd is closed by write_atomic after fsync
+        super().close()
+
+
+_os_write = os.write  # the one low-level write; tests put a failing disk here
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` through `write(file)` so that it is either complete or absent.
 
-    Creates the parent folder if missing. On any error the temporary file is removed and
-    the error re-raised (OSError with errno ENOSPC for a full disk)."""
+    The file object loses no short write (see `_CheckedRaw`); once `write` returns, the bytes
+    on disk are checked against what was written, fsynced, and only then renamed over `path`.
+    Creates the parent folder if missing. On any error the temporary file is removed, `path`
+    is untouched, and the error re-raised (OSError with errno ENOSPC for a full disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    raw = _CheckedRaw(fd)
+    handle = io.BufferedRandom(raw, buffer_size=1 << 20)
     try:
-        with open(tmp, "wb") as handle:
+        try:
             write(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            size = os.fstat(fd).st_size
+            if size != raw.high:
+                raise OSError(errno.EIO, f"wrote {raw.high} bytes but the file holds {size}", str(tmp))
+            os.fsync(fd)
+        finally:
+            raw.fd = -1  # a later flush of leftover buffered bytes cannot reach a reused descriptor
+            os.close(fd)
+            try:
+                handle.close()
+            except (OSError, ValueError):
+                pass  # the bytes it still held belonged to a file that is being removed
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            exc.filename = str(path)
         raise
     fsync_dir(path.parent)
 
@@ -70,7 +141,8 @@ def remove_temp_files(folder: Path, name: str | None = None) -> int:
     prefix = TMP_PREFIX + (f"{name}." if name else "")
     removed = 0
     for p in folder.iterdir():
-        if p.name.startswith(prefix) and p.is_file():
+        # Only names `temp_path` makes (`.tmp-<name>.<pid>.<6 hex>`): a user's `.tmp-notes.txt` stays.
+        if p.name.startswith(prefix) and _OUR_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             try:
                 p.unlink()
                 removed += 1

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from imagegen.defaults import cache_root
+from imagegen.fsutil import write_bytes_atomic
 from imagegen.samplers import from_infotext, infotext_schedule, lookup_sampler
 
 PARAMETERS_KEY = "parameters"
@@ -283,20 +284,21 @@ class _CacheFile:
         except OSError:
             self.fd = None  # a read-only cache folder only costs time
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            cache = json.loads(self.path.read_text())
+        except (OSError, ValueError, RecursionError):
+            return {}  # a damaged cache is rebuilt, never fatal
+        if not isinstance(cache, dict):
             return {}
+        return {k: v for k, v in cache.items() if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)}
 
     def save(self, cache: dict) -> None:
         if self.fd is None:
             return
         keep = dict(list(cache.items())[-MAX_CACHED_HASHES:])
         try:
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(keep))
-            os.replace(tmp, self.path)
+            write_bytes_atomic(self.path, json.dumps(keep).encode("utf-8"))
         except OSError:
-            pass
+            pass  # a cache that cannot be written only costs time
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:

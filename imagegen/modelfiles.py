@@ -38,8 +38,23 @@ def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
             (n,) = struct.unpack("<Q", head)
             if n <= 1 or n > _MAX_HEADER:
                 raise ValueError(f"header length {n} out of range")
-            header = json.loads(f.read(n).decode("utf-8"))
-        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+            raw = f.read(n)
+        if not raw.lstrip()[:1] == b"{":  # `[1,2,3]` or 200k `[`: not a header, and never parsed
+            raise ValueError("the header is not a JSON object")
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        shapes = {}
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            shape = v.get("shape") if isinstance(v, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+                raise ValueError(f"tensor {str(k)[:80]!r} has no shape")
+            shapes[k] = tuple(shape)
+        return shapes
+    except RecursionError:
+        raise ModelError(f"{p}: not a readable .safetensors file (the header nests too deep)") from None
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelError(f"{p}: not a readable .safetensors file ({e})") from None
 

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import itertools
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -20,7 +21,8 @@ import yaml
 from imagegen import prompts as P
 from imagegen import recipe_prompts
 from imagegen.defaults import (
-    BUILTIN_PREFIX, DEFAULT_FORMAT, FORMATS, MAX_RENDER_SIDE, MAX_SEED, MAX_UPSCALE_SIDE, MIN_RENDER_SIDE, MIN_UPSCALE_SIDE,
+    BUILTIN_PREFIX, DEFAULT_FORMAT, FORMATS, MAX_JOBS_LIMIT, MAX_RECIPE_BYTES, MAX_RENDER_SIDE, MAX_SEED, MAX_UPSCALE_SIDE,
+    MAX_YAML_DEPTH, MAX_YAML_VALUES, MIN_RENDER_SIDE, MIN_UPSCALE_SIDE,
 )
 from imagegen.errors import ModelError, RecipeError
 from imagegen.modelfiles import check_lora, detect_family
@@ -175,6 +177,7 @@ class _Doc:
         self.marks: dict[Path_, tuple[int, int]] = {}
         self.key_marks: dict[Path_, tuple[int, int]] = {}
         self.problems: list[str] = []
+        self.values = 0  # values built so far, aliases followed: an alias bomb stops at MAX_YAML_VALUES
 
     def at(self, path: Path_, *, key: bool = False) -> str:
         """`file:line:col` of a value (or of its key, when `key`)."""
@@ -194,6 +197,9 @@ class _Doc:
         (self.problems if self.check_files else self.missing).append(line)
 
     def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
+        self.values += 1
+        if self.values > MAX_YAML_VALUES:
+            raise _TooManyValues(node)
         self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
@@ -217,7 +223,33 @@ class _Doc:
         return _scalar(node)
 
 
+class _TooManyValues(Exception):
+    """Building the recipe passed MAX_YAML_VALUES values (an alias bomb, a giant list)."""
+
+    def __init__(self, node: yaml.Node) -> None:
+        self.node = node
+
+
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
+# libyaml's parser when PyYAML has it (much faster on large recipes, same nodes and marks);
+# a syntax error is parsed again in pure Python for PyYAML's own wording and hints.
+_FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_NESTING_START = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_NESTING_END = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+
+
+def _too_deep(text: str, loader: type) -> yaml.Mark | None:
+    """Where the YAML first nests more than MAX_YAML_DEPTH deep, from the parser's flat
+    event stream (no recursion, so 200k `[` cannot overflow a stack); None when it does not."""
+    depth = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, _NESTING_START):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                return event.start_mark
+        elif isinstance(event, _NESTING_END):
+            depth -= 1
+    return None
 
 
 def _scalar(node: yaml.Node) -> Any:
@@ -380,8 +412,11 @@ def _text(doc: _Doc, data: dict, key: str, *, required: bool = False, default: s
     return value
 
 
-def _seeds(doc: _Doc, data: dict, cap: int) -> tuple[int, ...]:
-    """The recipe's seeds; more than `cap` (the job cap) is an error before any list is built."""
+def _seeds(doc: _Doc, data: dict, cap: int | None) -> tuple[int, ...]:
+    """The recipe's seeds; more than `cap` (the job cap) is an error before any list is built.
+    `cap` None: `max_jobs` itself is wrong (already reported), so only MAX_JOBS_LIMIT applies, silently."""
+    quiet = cap is None
+    cap = MAX_JOBS_LIMIT if cap is None else cap
     raw = data.get("seeds", DEFAULTS["seeds"])
     path: Path_ = ("seeds",)
     bad = f"`seeds` must be a count, a list of seeds, {{start: N, count: M}} or a range \"1000-1099\", got {_show(raw)}"
@@ -414,6 +449,10 @@ def _seeds(doc: _Doc, data: dict, cap: int) -> tuple[int, ...]:
         if not raw:
             doc.problem(path, "`seeds` is an empty list; give at least one seed")
             return ()
+        if len(raw) > cap:
+            if not quiet:
+                doc.problem(path, f"`seeds` lists {len(raw)} seeds, more than `max_jobs: {cap}` allows on its own")
+            return ()
         out: list[int] = []
         seen: set[int] = set()
         for i, s in enumerate(raw):
@@ -432,6 +471,8 @@ def _seeds(doc: _Doc, data: dict, cap: int) -> tuple[int, ...]:
         doc.problem(path, f"seeds must be at most {MAX_SEED}, the range reaches {seeds[-1]}")
         return ()
     if len(seeds) > cap:
+        if quiet:
+            return ()
         doc.problem(path, f"`seeds` gives {len(seeds)} seeds, more than `max_jobs: {cap}` allows on its own")
         return ()
     return tuple(seeds)
@@ -600,7 +641,10 @@ def _loras(doc: _Doc, data: dict, base: Path) -> tuple[tuple[LoraSpec, ...], tup
     return tuple(specs), tuple(sets)
 
 
-def _prompt_variants(doc: _Doc, data: dict, base: Path) -> tuple[tuple[str, ...], tuple[PromptVariant, ...], Path | None]:
+def _prompt_variants(doc: _Doc, data: dict, base: Path,
+                     budget: Callable[[int], str | None] | None = None) -> tuple[tuple[str, ...], tuple[PromptVariant, ...], Path | None]:
+    """Templates and their variants. Each template is parsed and counted first; when `budget`
+    (the job-count check, given the number of variants) objects, no variant is built."""
     has_one, has_many = "prompt" in data, "prompts" in data
     if has_one and has_many:
         doc.problem(("prompts",), "give either `prompt` or `prompts`, not both", key=True)
@@ -641,13 +685,29 @@ def _prompt_variants(doc: _Doc, data: dict, base: Path) -> tuple[tuple[str, ...]
     if "sample_seed" in data and sample is None and "sample" not in data:
         doc.problem(("sample_seed",), "`sample_seed` has no effect without `sample`", key=True)
     templates: list[str] = []
-    variants: list[PromptVariant] = []
-    seen: dict[str, int] = {}
+    parsed: list[tuple[int, str, Path_, int]] = []  # (template number, text, key path, variants)
     for t, (tmpl, path) in enumerate(zip(items, paths)):
         if not isinstance(tmpl, str) or not tmpl.strip():
             doc.problem(path, f"a prompt template must be non-empty text, got {_show(tmpl)}")
             continue
         templates.append(tmpl)
+        try:
+            n = P.count_variants(tmpl, loader)
+        except P.PromptSyntaxError as exc:
+            doc.problem(path, f"`{_dotted(path)}`: {exc.message}: {_show(tmpl)}")
+            continue
+        if not sample and n > P.MAX_ENUMERATE:
+            doc.problem(path, f"`{_dotted(path)}`: expands to {n} variants (more than {P.MAX_ENUMERATE}); use `sample`: {_show(tmpl)}")
+            continue
+        parsed.append((t, tmpl, path, n))
+    total = sum(min(n, sample) if sample else n for *_, n in parsed)
+    over = budget(total) if budget else None
+    if over:
+        doc.problem(("max_jobs",) if "max_jobs" in data else (), over)
+        return tuple(templates), (), wild_dir
+    variants: list[PromptVariant] = []
+    seen: dict[str, int] = {}
+    for t, tmpl, path, _ in parsed:
         try:
             texts = P.sample_variants(tmpl, sample, sample_seed, loader) if sample else P.expand(tmpl, loader)
         except P.PromptSyntaxError as exc:
@@ -718,13 +778,24 @@ def load_recipe(path: str | Path, *, allow_download: bool = False, check_files: 
     path = Path(path)
     shown = str(path)
     try:
-        raw_bytes = path.read_bytes()
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never ends
+            raise RecipeError([f"{shown}: not a regular file (a pipe, device or socket); give a recipe file"])
+        if st.st_size > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{shown}: the recipe is {st.st_size / 2**20:.1f} MB; recipes may be at most "
+                               f"{MAX_RECIPE_BYTES >> 20} MB (use `seeds: {{start: N, count: M}}` or a wildcard file for long lists)"])
+        with open(path, "rb") as f:
+            raw_bytes = f.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise RecipeError([f"{shown}: recipe file not found"]) from None
     except IsADirectoryError:
         raise RecipeError([f"{shown}: is a folder, not a recipe file"]) from None
     except OSError as exc:
         raise RecipeError([f"{shown}: cannot read: {exc.strerror}"]) from None
+    if len(raw_bytes) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{shown}: the recipe grew past {MAX_RECIPE_BYTES >> 20} MB while being read"])
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -752,10 +823,31 @@ def recipe_from_dict(data: Mapping[str, Any], *, base_dir: str | Path = ".", all
     return _load_text(text, path, DICT_SOURCE, allow_download=allow_download, check_files=check_files)
 
 
+def _compose(text: str, shown: str) -> yaml.Node | None:
+    """The YAML node tree of `text`, refusing deep nesting before composing it.
+    Raises yaml.YAMLError (syntax) or RecipeError (limits)."""
+    try:
+        try:
+            deep = _too_deep(text, _FAST_LOADER)
+        except yaml.YAMLError:
+            if _FAST_LOADER is yaml.SafeLoader:
+                raise
+            deep = _too_deep(text, yaml.SafeLoader)  # PyYAML's own error wording and marks
+        if deep is not None:
+            raise RecipeError([f"{shown}:{deep.line + 1}:{deep.column + 1}: lists and mappings nest more than "
+                               f"{MAX_YAML_DEPTH} deep; a recipe needs a few levels"])
+        return yaml.compose(text, Loader=_FAST_LOADER)
+    except RecursionError:
+        raise RecipeError([f"{shown}: the YAML nests too deep to read"]) from None
+
+
 def _load_text(text: str, path: Path, shown: str, *, allow_download: bool, check_files: bool) -> Recipe:
     doc = _Doc(shown, check_files)
+    if len(text.encode("utf-8")) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{shown}: the recipe is more than {MAX_RECIPE_BYTES >> 20} MB; recipes may be at most "
+                           f"{MAX_RECIPE_BYTES >> 20} MB"])
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text, shown)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
@@ -773,7 +865,13 @@ def _load_text(text: str, path: Path, shown: str, *, allow_download: bool, check
         raise RecipeError([f"{shown}: YAML error: {' '.join(str(exc).split())}"]) from None
     if node is None:
         raise RecipeError([f"{shown}:1:1: the recipe is empty; it needs at least `name`, `model` and `prompt`"])
-    data = doc.build(node)
+    try:
+        data = doc.build(node)
+    except _TooManyValues as exc:
+        mark = exc.node.start_mark
+        raise RecipeError([f"{shown}:{mark.line + 1}:{mark.column + 1}: the recipe holds more than {MAX_YAML_VALUES} "
+                           "values once YAML aliases (`*name`) are followed; shorten the lists (seeds take "
+                           "`{start: N, count: M}`)"]) from None
     if not isinstance(data, dict):
         raise RecipeError([f"{shown}:1:1: a recipe must be a mapping of keys (name, model, prompt, ...), got {type(data).__name__}"])
     if doc.problems:
@@ -790,18 +888,9 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     _text(doc, data, "description")
     checkpoint, family, vae = _model(doc, data, base, allow_download)
     loras, lora_sets = _loras(doc, data, base)
-    templates, variants, _ = _prompt_variants(doc, data, base)
-    negative = _text(doc, data, "negative", default=DEFAULTS["negative"]) or ""
-    if re.search(r"(?<!\\)\{[^}]*(?<!\\)\||__[A-Za-z0-9][\w\-./]*__", negative):
-        doc.problem(("negative",), "`negative` is used as written: variant syntax `{a|b}` and `__wildcards__` are only "
-                                   "expanded in prompts (put the variants in the prompt, or sweep with several recipes)")
-    max_jobs = data.get("max_jobs", DEFAULTS["max_jobs"])
-    if not _is_int(max_jobs) or max_jobs < 1:
-        doc.problem(("max_jobs",), f"`max_jobs` must be a whole number >= 1, got {_show(max_jobs)}")
-        max_jobs = DEFAULTS["max_jobs"]
-    prompt_cfg = recipe_prompts.settings(doc, data, base)
-    variants = recipe_prompts.check_prompts(doc, data, prompt_cfg, variants, negative, tuple(s.path for s in loras), max_jobs)
+    max_jobs = _max_jobs(doc, data)
     seeds = _seeds(doc, data, max_jobs)
+    max_jobs = max_jobs or MAX_JOBS_LIMIT  # a wrong `max_jobs` is reported; count against the limit
     size_default = default_size(checkpoint, family)
     if "size" not in data and size_default is None and checkpoint:
         doc.problem((), "`size` is needed when `model.family` is auto (or set `model.family: sd15` for 512x512, `sdxl` for 1024x1024)")
@@ -809,6 +898,17 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     steps = _axis(doc, data, "steps", _int_in(doc, "steps", 1, 500), DEFAULTS["steps"])
     guidance = _axis(doc, data, "guidance", _num_in(doc, "guidance", 0.0, 50.0), DEFAULTS["guidance"])
     schedulers = _axis(doc, data, "scheduler", _scheduler(doc), DEFAULTS["scheduler"])
+    others = [("LoRA sets", len(lora_sets) or 1)] + [(f"weights of LoRA {s.name}", len(s.weights)) for s in loras] + [
+        ("sizes", len(sizes)), ("step counts", len(steps)), ("schedulers", len(schedulers)),
+        ("guidance values", len(guidance))]
+    templates, variants, _ = _prompt_variants(
+        doc, data, base, lambda n: _over_cap(others + [("prompt variants", n), ("seeds", len(seeds))], max_jobs))
+    negative = _text(doc, data, "negative", default=DEFAULTS["negative"]) or ""
+    if re.search(r"(?<!\\)\{[^}]*(?<!\\)\||__[A-Za-z0-9][\w\-./]*__", negative):
+        doc.problem(("negative",), "`negative` is used as written: variant syntax `{a|b}` and `__wildcards__` are only "
+                                   "expanded in prompts (put the variants in the prompt, or sweep with several recipes)")
+    prompt_cfg = recipe_prompts.settings(doc, data, base)
+    variants = recipe_prompts.check_prompts(doc, data, prompt_cfg, variants, negative, tuple(s.path for s in loras), max_jobs)
     clip_skip = data.get("clip_skip", DEFAULTS["clip_skip"])
     if not _is_int(clip_skip) or not 1 <= clip_skip <= 12:
         doc.problem(("clip_skip",), f"`clip_skip` must be a whole number from 1 to 12 (A1111 convention: 1 = last layer), got {_show(clip_skip)}")
@@ -863,6 +963,26 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     return recipe
 
 
+def _max_jobs(doc: _Doc, data: dict) -> int | None:
+    """`max_jobs`, bounded by MAX_JOBS_LIMIT so that no count the cap allows can exhaust memory."""
+    max_jobs = data.get("max_jobs", DEFAULTS["max_jobs"])
+    if not _is_int(max_jobs) or not 1 <= max_jobs <= MAX_JOBS_LIMIT:
+        doc.problem(("max_jobs",), f"`max_jobs` must be a whole number from 1 to {MAX_JOBS_LIMIT}, got {_show(max_jobs)}")
+        return None
+    return max_jobs
+
+
+def _over_cap(counts: list[tuple[str, int]], max_jobs: int) -> str | None:
+    """The job-count problem when the axes' product exceeds `max_jobs` (pure arithmetic), else None."""
+    total = 1
+    for _, n in counts:
+        total *= max(n, 1)
+    if total <= max_jobs:
+        return None
+    spread = " x ".join(f"{n} {label}" for label, n in counts if n > 1)
+    return f"the recipe expands to {total} jobs ({spread}), more than `max_jobs: {max_jobs}`; raise `max_jobs` or shrink an axis"
+
+
 def _check_job_count(doc: _Doc, data: dict, recipe: Recipe) -> None:
     """Refuse a recipe over `max_jobs`, or one whose axes would give two jobs one id.
 
@@ -873,10 +993,9 @@ def _check_job_count(doc: _Doc, data: dict, recipe: Recipe) -> None:
     total = 1
     for _, n in counts:
         total *= n
-    if total > recipe.max_jobs:
-        spread = " x ".join(f"{n} {label}" for label, n in counts if n > 1)
-        where = ("max_jobs",) if "max_jobs" in data else ()
-        doc.problem(where, f"the recipe expands to {total} jobs ({spread}), more than `max_jobs: {recipe.max_jobs}`; raise `max_jobs` or shrink an axis")
+    over = _over_cap(counts, recipe.max_jobs)
+    if over:
+        doc.problem(("max_jobs",) if "max_jobs" in data else (), over)
         raise RecipeError(doc.problems)
     choices = lora_choices(recipe)
     per_choice = total // max(1, len(choices))

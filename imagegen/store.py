@@ -118,6 +118,37 @@ def preview_pending(folder: Path, job_ids: Sequence[str], *, retry_failed: bool 
                           {i for i in job_ids if status.get(i) == "failed" and "failed" not in states})
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png_problem(path: Path, width: int | None = None, height: int | None = None) -> str | None:
+    """Why `path` is not a complete PNG of `width` x `height` (None when it looks complete).
+
+    Cheap and Pillow-free: the signature, the IHDR size (so a PNG that declares 60000x60000
+    never reaches Pillow's decompression-bomb check) and the IEND chunk at the very end (a
+    truncated or overwritten file fails it). `verify_files` compares full sha256s."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size < 24 + len(_PNG_END):
+                return f"{size} bytes: too short for a PNG"
+            f.seek(size - len(_PNG_END))
+            tail = f.read(len(_PNG_END))
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return "not a PNG"
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if (width, height) != (None, None) and (w, h) != (width, height):
+        return f"declares {w}x{h}, the job is {width}x{height}"
+    if tail != _PNG_END:
+        return "truncated (no IEND chunk at the end)"
+    return None
+
+
 def image_name(index: int, job_id: str) -> str:
     return f"{index:04d}-{job_id}.png"
 
@@ -134,6 +165,7 @@ class ReconcileReport:
     renamed: int = 0
     untracked: list[str] = field(default_factory=list)
     missing_thumbs: list[tuple[str, Path, Path]] = field(default_factory=list)  # (job id, image, thumb to make)
+    damaged: list[str] = field(default_factory=list)  # "name: what is wrong" of images put back to pending
 
 
 @dataclass
@@ -339,6 +371,14 @@ class RunStore:
                     report.untracked.append(path.name)
                     continue
                 target = self.images / image_name(row.index, job_id) if row.in_plan else path
+                damage = png_problem(path, row.job.get("width"), row.job.get("height"))
+                if damage:  # a damaged file is never trusted: its job is rendered again (over it)
+                    report.damaged.append(f"{path.name}: {damage}")
+                    if row.status == "done":
+                        c.execute("UPDATE jobs SET status = 'pending', file = NULL, sha256 = NULL, thumb = NULL WHERE id = ?",
+                                  (job_id,))
+                        report.reset_missing += 1
+                    continue
                 if row.status != "done":
                     if verify is not None and not verify(path, job_id):
                         report.untracked.append(path.name)
@@ -368,8 +408,16 @@ class RunStore:
         return report
 
     def _row(self, r: sqlite3.Row) -> JobRow:
+        try:
+            job = json.loads(r["job"])
+            if not isinstance(job, dict):
+                raise ValueError("not a mapping")
+        except (TypeError, ValueError, RecursionError):
+            raise InputError(f"{self.folder / MANIFEST}: the row of job {r['id']} (#{r['idx']}) holds damaged job data; "
+                             f"repair: sqlite3 {self.folder / MANIFEST} \"DELETE FROM jobs WHERE id = '{r['id']}'\" "
+                             "then render the recipe again (that job is planned and rendered again)") from None
         return JobRow(r["id"], r["idx"], r["status"], bool(r["in_plan"]), r["file"], r["sha256"], r["thumb"], r["seconds"],
-                      r["finished_at"], r["error"], r["attempts"], json.loads(r["job"]))
+                      r["finished_at"], r["error"], r["attempts"], job)
 
     def rows(self, *, include_orphans: bool = False, status: str | None = None) -> list[JobRow]:
         """Job rows in index order (planned jobs first)."""
@@ -440,6 +488,26 @@ class RunStore:
         out["last_error"] = {"index": row[0], "id": row[1], "error": row[2]} if row else None
         out["orphans"] = [{"index": r.index, "id": r.id, "file": r.file} for r in self.rows(include_orphans=True) if not r.in_plan]
         return out
+
+    def verify_files(self) -> list[dict]:
+        """Every done job whose image is missing or differs from its recorded sha256 (a full
+        read of each file): [{index, id, file, problem}]. Reads only; `render` re-queues the
+        ones its start-up check (`png_problem`) catches."""
+        bad = []
+        for row in self.rows(status="done"):
+            path = self.folder / row.file if row.file else None
+            if path is None or not path.is_file():
+                problem = "missing"
+            else:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                problem = None if h.hexdigest() == row.sha256 else (
+                    png_problem(path, row.job.get("width"), row.job.get("height")) or "sha256 differs from the manifest")
+            if problem:
+                bad.append({"index": row.index, "id": row.id, "file": row.file, "problem": problem})
+        return bad
 
     # --- picks --------------------------------------------------------------------------------
 

@@ -6,12 +6,15 @@ at module level, so `imagegen --help` stays fast.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import typer
 import typer.core
 
-from imagegen.errors import ImagegenError
+from imagegen.errors import ImagegenError, disk_full, is_disk_full
+
 
 class _Command(typer.core.TyperCommand):
     """A command whose help reads the way people type it: `RUN...` in the usage line (not
@@ -82,6 +85,21 @@ def err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def silence_closed_streams() -> None:
+    """Point stdout and stderr at /dev/null once their reader is gone, so that later writes
+    (and Python's flush at exit) neither raise nor print a traceback."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(null, stream.fileno())
+        except (OSError, ValueError):
+            pass
+    os.close(null)
+
+
 def run_app(argv: list[str] | None = None) -> int:
     """Run the CLI and return the exit code.
 
@@ -100,4 +118,12 @@ def run_app(argv: list[str] | None = None) -> int:
     except ImagegenError as exc:
         err(exc.message)
         return exc.exit_code
+    except BrokenPipeError:  # the reader of our output went away: nothing left to tell it
+        silence_closed_streams()
+        return 1
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        err(disk_full(exc.filename or "writing").message)
+        return 1
     return 0

@@ -60,16 +60,17 @@ def plan_cmd(
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # user text (names, paths, prompts) is printed as text, never as markup
 
     console = Console(highlight=False, soft_wrap=False)
     if not console.is_terminal:
         console = Console(highlight=False, soft_wrap=False, width=160)
-    console.print(f"[bold]{recipe.name}[/bold]  {recipe.path}  model {recipe.checkpoint} ({recipe.family})  output {recipe.output}")
+    console.print(Text.assemble((recipe.name, "bold"), f"  {recipe.path}  model {recipe.checkpoint} ({recipe.family})  output {recipe.output}"))
     axes = Table(title="Axes (outermost first)", title_justify="left")
     axes.add_column("axis")
     axes.add_column("values", justify="right")
     for label, n in axis_counts(recipe):
-        axes.add_row(label, str(n))
+        axes.add_row(Text(label), str(n))
     axes.add_row("[bold]total jobs[/bold]", f"[bold]{len(jobs)}[/bold]")
     console.print(axes)
     if limit:
@@ -78,7 +79,8 @@ def plan_cmd(
             table.add_column(col, overflow="fold" if col == "prompt" else "ellipsis", no_wrap=col != "prompt")
         for j in jobs[:limit]:
             loras = ", ".join(f"{lu.name}:{lu.weight:g}" for lu in j.loras) or "-"
-            table.add_row(str(j.index), j.id, str(j.seed), f"{j.width}x{j.height}", str(j.steps), f"{j.guidance:g}", j.scheduler, loras, j.prompt)
+            table.add_row(str(j.index), j.id, str(j.seed), f"{j.width}x{j.height}", str(j.steps), f"{j.guidance:g}", j.scheduler,
+                          Text(loras), Text(j.prompt))
         console.print(table)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator, List, Optional
 
 import typer
 
-from imagegen.cli.app import app, err, examples
+from imagegen.cli.app import app, err, examples, silence_closed_streams
 from imagegen.errors import ImagegenError, InputError, RunLockedError
 
 EXIT_FAILED_JOBS = 1
@@ -55,6 +55,7 @@ class Reporter:
         self.t0 = time.monotonic()
         self.last_line = 0.0
         self.oom_said = False
+        self.reader_gone = False  # stderr/stdout closed (a pipe whose reader left): keep rendering, say nothing
 
     @staticmethod
     def choose(as_json: bool) -> "Reporter":
@@ -65,11 +66,25 @@ class Reporter:
     def line(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         if self.progress is not None:
-            self.progress.console.print(f"{stamp} {text}", highlight=False)
+            self.progress.console.print(f"{stamp} {text}", highlight=False, markup=False)
         else:
             err(f"{stamp} {text}")
 
     def __call__(self, event: dict) -> None:
+        """Show one event. A reader that went away (closed pipe) must not stop an overnight render:
+        from then on nothing is shown; log.jsonl still records every event."""
+        if self.reader_gone:
+            return
+        try:
+            self._show(event)
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            if isinstance(exc, ValueError) and "closed file" not in str(exc):
+                raise
+            self.reader_gone = True
+            self.progress = None
+            silence_closed_streams()
+
+    def _show(self, event: dict) -> None:
         kind = event["event"]
         if self.mode == "json":
             typer.echo(json.dumps(event, ensure_ascii=False, default=str))
@@ -128,8 +143,12 @@ class Reporter:
 
     def stop(self) -> None:
         if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+            progress, self.progress = self.progress, None
+            try:
+                progress.stop()
+            except (OSError, ValueError):
+                self.reader_gone = True
+
 
 
 class StopFlag:
@@ -317,13 +336,17 @@ def _sheets_quietly(store: Any) -> None:
 def status(
     runs: List[Path] = typer.Argument(..., metavar="RUN", help="Run folders.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Read every image and compare it with its recorded sha256; exit 1 if any is damaged."),
 ) -> None:
     """Where a run stands: done, pending, failed, orphaned, rate, last error, time left."""
     from imagegen.api import status as run_status
 
-    reports = [run_status(run) for run in runs]
+    reports = [run_status(run, verify=verify) for run in runs]
+    damaged = sum(len(s.get("damaged", ())) for s in reports)
     if as_json:
         typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=1, default=str))
+        if damaged:
+            raise typer.Exit(1)
         return
     for s in reports:
         rate = f"{s['rate']:.2f} img/s" if s["rate"] else "n/a"
@@ -336,6 +359,14 @@ def status(
             typer.echo(f"  orphaned (no longer in the recipe, kept): {o['id']} {o['file'] or '(no image)'}")
         if len(s["orphans"]) > 10:
             typer.echo(f"  ... and {len(s['orphans']) - 10} more orphaned")
+        for d in s.get("damaged", ()):
+            typer.echo(f"  damaged: job {d['index']} ({d['id']}) {d['file'] or ''}: {d['problem']}")
+        if verify:
+            n = len(s.get("damaged", ()))
+            typer.echo(f"  verify: {s['done'] - n}/{s['done']} done images match their sha256"
+                       + (f"; {n} damaged: delete them and run `imagegen render` on the recipe to render them again" if n else ""))
+    if damaged:
+        raise typer.Exit(1)
 
 
 @app.command(epilog=examples("imagegen reproduce runs/example/images/0001-3847c5df9d1e.png",
