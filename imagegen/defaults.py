@@ -11,7 +11,7 @@ from pathlib import Path
 
 # --- seeds and sizes ------------------------------------------------------------------------
 MAX_SEED = 2**32 - 1  # A1111's seed range; recipes, the engine and `reproduce` all accept 0..MAX_SEED
-MIN_RENDER_SIDE = 64  # smallest width/height a recipe may render (multiple of 8)
+MIN_RENDER_SIDE = 32  # smallest width/height a recipe may render (multiple of 8)
 MAX_RENDER_SIDE = 8192  # largest width/height a recipe may render: far beyond any SD model's training size
 MAX_SHEET_SIDE = 16_000  # no contact-sheet page side longer than this: JPEG allows 65,535; viewers like less
 MAX_UPSCALE_SIDE = 65_000  # longest upscaled output side (TIFF/PNG could go further; no client needs it)

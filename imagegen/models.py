@@ -8,6 +8,7 @@ the text encoders and tokenizers, the default render size, and how a file is rec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from imagegen.defaults import BUILTIN_PREFIX
 
@@ -67,9 +68,14 @@ def family(name: str) -> Family:
 
 # --- built-in models ----------------------------------------------------------------------------
 # name -> family. The engine builds them (engine/builtin.py); recipes only need the names.
-BUILTIN_FAMILY: dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "sd15-arch": "sd15", "sdxl-arch": "sdxl"}
+BUILTIN_FAMILY: dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "demo-sd15": "sd15", "sd15-arch": "sd15", "sdxl-arch": "sdxl"}
 BUILTIN_MODELS: tuple[str, ...] = tuple(BUILTIN_FAMILY)
 TINY_DEFAULT_SIZE = (64, 64)  # the tiny built-ins render at this size when a recipe gives none
+DEMO_DEFAULT_SIZE = (32, 32)  # builtin:demo-sd15 renders at its training size
+# Files shipped with the package that a recipe names as `builtin:NAME` in a LoRA `path:` or
+# `upscale.model:` (made by tools/train_demo.py for builtin:demo-sd15).
+_DEMO = Path(__file__).resolve().parent / "data" / "demo"
+BUILTIN_FILES: dict[str, Path] = {"demo-outline": _DEMO / "demo-outline.safetensors", "demo-x4": _DEMO / "demo-x4.pth"}
 
 
 def builtin_name(checkpoint: str) -> str | None:
@@ -82,5 +88,7 @@ def default_size(checkpoint: str, family_name: str) -> tuple[int, int] | None:
     name = builtin_name(checkpoint)
     if name is not None and name.startswith("tiny-"):
         return TINY_DEFAULT_SIZE
+    if name == "demo-sd15":
+        return DEMO_DEFAULT_SIZE
     rec = FAMILIES.get(family_name)
     return rec.default_size if rec else None

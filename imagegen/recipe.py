@@ -26,7 +26,7 @@ from imagegen.defaults import (
 )
 from imagegen.errors import ModelError, RecipeError
 from imagegen.modelfiles import check_lora, detect_family
-from imagegen.models import BUILTIN_FAMILY, BUILTIN_MODELS, FAMILY_CHOICES, FAMILY_NAMES, default_size
+from imagegen.models import BUILTIN_FAMILY, BUILTIN_FILES, BUILTIN_MODELS, FAMILY_CHOICES, FAMILY_NAMES, default_size
 from imagegen.samplers import lookup_sampler, sampler_names
 
 # --- defaults: one place, one comment each --------------------------------------------------
@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "family": "auto",  # detect SD1.5 / SDXL from the checkpoint's keys
     "negative": "",  # no negative prompt
     "seeds": 1,  # one seed: 0
-    "size": None,  # by family: 512x512 SD1.5, 1024x1024 SDXL, 64x64 tiny built-ins (needs a known family)
+    "size": None,  # by family: 512x512 SD1.5, 1024x1024 SDXL, 64x64 tiny built-ins, 32x32 demo-sd15 (needs a known family)
     "steps": 25,  # sampling steps
     "guidance": 7.0,  # CFG scale
     "scheduler": "DPM++ 2M Karras",  # the most common A1111 sampler
@@ -484,6 +484,8 @@ def _is_path_text(value: Any) -> bool:
 
 
 def _resolve(base: Path, value: str) -> Path:
+    if value.startswith(BUILTIN_PREFIX) and value[len(BUILTIN_PREFIX):] in BUILTIN_FILES:
+        return BUILTIN_FILES[value[len(BUILTIN_PREFIX):]]
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
 
@@ -576,7 +578,7 @@ def _lora_entry(doc: _Doc, item: Any, path: Path_, base: Path, *, sweep: bool) -
         lora_path = str(p.resolve())
         if ok and p.is_file():
             doc.lora_files.append((path + ("path",), lora_path))
-    name = item.get("name", Path(raw_path).stem if isinstance(raw_path, str) else "")
+    name = item.get("name", Path(lora_path or raw_path).stem if isinstance(raw_path, str) else "")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w\-]*", name or ""):
         doc.problem(path + ("name",) if "name" in item else path + ("path",), f"LoRA name {_show(name)} must be letters, digits, `_` or `-` (set `name:` to override the file name)")
         ok = False

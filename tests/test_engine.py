@@ -55,7 +55,7 @@ def test_import_is_torch_free():
 
 
 def test_builtin_names():
-    assert BUILTIN_MODELS == ("tiny-sd15", "tiny-sdxl", "sd15-arch", "sdxl-arch")
+    assert BUILTIN_MODELS == ("tiny-sd15", "tiny-sdxl", "demo-sd15", "sd15-arch", "sdxl-arch")
     with pytest.raises(ModelError, match="builtin:tiny-sd15"):
         open_engine("builtin:nope", device="cpu")
 

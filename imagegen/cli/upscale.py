@@ -42,7 +42,7 @@ def _progress_printer(label: str) -> Callable[[int, int], None]:
 def upscale(
     images: list[Path] = typer.Argument(..., metavar="RUN|IMAGE", help="A run folder (its picks) or image files.",
                                         show_default=False),
-    model: Path = typer.Option(None, "--model", "-m", help="Real-ESRGAN/ESRGAN weights (.pth or .safetensors)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Real-ESRGAN/ESRGAN weights (.pth or .safetensors), or builtin:demo-x4."),
     scale: float = typer.Option(None, "--scale", help="Output size as a multiple of the input."),
     width: int = typer.Option(None, "--width", help="Output width in pixels (height keeps the aspect)."),
     height: int = typer.Option(None, "--height", help="Output height in pixels (width keeps the aspect)."),
@@ -56,6 +56,14 @@ def upscale(
     or any image files, tile by tile, to a scale or an exact width/height."""
     from imagegen.upscale.run import is_run_folder, upscale_files, upscale_run
 
+    if model is not None and str(model).startswith("builtin:"):  # a shipped file, e.g. builtin:demo-x4
+        from imagegen.errors import InputError
+        from imagegen.models import BUILTIN_FILES
+
+        name = str(model)[len("builtin:"):]
+        if name not in BUILTIN_FILES:
+            raise InputError(f"`--model` {model}: unknown built-in file; built-ins: {', '.join('builtin:' + n for n in BUILTIN_FILES)}")
+        model = BUILTIN_FILES[name]
     common = dict(scale=scale, width=width, height=height, out=out, tile=tile, device=device, dtype=dtype,
                   on_message=typer.echo, progress=_progress_printer)
     if len(images) == 1 and is_run_folder(images[0]):

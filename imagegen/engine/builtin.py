@@ -5,6 +5,10 @@
   real CLIP tokenizer), built from a fixed seed and cached as a diffusers folder under the user
   cache. The VAE downsamples 8x like the real one. Images are coloured noise; they exist to
   exercise the real code paths on a CPU in seconds.
+- `builtin:demo-sd15`: a small SD1.5-architecture model *trained* by `tools/train_demo.py` on
+  drawn scenes (one shape, twelve colours, a 3x3 grid of positions; see `imagegen.demo_scenes`),
+  32x32 pixels. Its weights ship in `imagegen/data/demo/` (float16, cast to float32 on load) and
+  are built in memory: no cache folder, no download. It draws what its prompt says.
 - `builtin:sd15-arch`, `builtin:sdxl-arch`: the full-size SD1.5 / SDXL architectures from the
   shipped configs, with random weights, built in memory on the target device (nothing is cached).
   For GPU speed measurements only: their images are noise.
@@ -28,6 +32,7 @@ TINY_VERSION = 1  # bump when the tiny configs below change; names the cache fol
 DATA = Path(__file__).resolve().parent.parent / "data"
 TOKENIZER_DIR = DATA / "clip-tokenizer"
 CONFIG_DIR = DATA / "configs"
+DEMO_DIR = DATA / "demo"  # builtin:demo-sd15 (unet/, vae/, text_encoder/), its LoRA and upscaler
 
 
 def _read(path: Path) -> dict:
@@ -169,6 +174,41 @@ def build_components(name: str, device: str = "cpu") -> dict[str, Any]:
         m.eval()
     parts.update(tokenizers(family))
     parts["scheduler"] = _scheduler(family)
+    return parts
+
+
+def demo_components(device: str = "cpu", folder: Path | None = None) -> dict[str, Any]:
+    """The trained `builtin:demo-sd15` components from `folder` (default `DEMO_DIR`), in float32
+    on `device`.
+
+    Raises ModelError when the shipped weights are missing or do not fit their configs.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from imagegen.errors import ModelError
+
+    builders = {
+        "unet": (lambda c: UNet2DConditionModel(**c), "diffusion_pytorch_model.safetensors"),
+        "vae": (lambda c: AutoencoderKL(**c), "diffusion_pytorch_model.safetensors"),
+        "text_encoder": (lambda c: CLIPTextModel(CLIPTextConfig(**c)), "model.safetensors"),
+    }
+    parts: dict[str, Any] = {}
+    for comp, (build, fname) in builders.items():
+        sub = (folder or DEMO_DIR) / comp
+        try:
+            cfg = _init_args(_read(sub / "config.json"))
+            state = {k: v.float() for k, v in load_file(str(sub / fname)).items()}
+            torch.manual_seed(TINY_SEED)  # init values are all overwritten; seeded anyway
+            model = build(cfg)
+            model.load_state_dict(state)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelError(f"builtin:demo-sd15: cannot load its {comp} from {sub}: {str(e).splitlines()[0]}") from None
+        parts[comp] = model.to(device).eval()
+    parts.update(tokenizers("sd15"))
+    parts["scheduler"] = _scheduler("sd15")
     return parts
 
 

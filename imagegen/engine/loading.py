@@ -186,8 +186,8 @@ def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cf
             pipe = _pipeline_class(fam).from_pretrained(
                 str(folder), torch_dtype=torch_dtype, local_files_only=True, **_extra_kwargs(fam), **extra
             )
-        else:  # full-size random weights, built in memory right on the device
-            parts = builtin.build_components(name, device=dev)
+        else:  # trained demo weights, or full-size random ones, built in memory on the device
+            parts = builtin.demo_components(dev) if name == "demo-sd15" else builtin.build_components(name, device=dev)
             parts.update(extra)
             pipe = builtin.make_pipeline(fam, parts)
             pipe.to(dtype=torch_dtype)

@@ -1,0 +1,460 @@
+"""Train `builtin:demo-sd15`, its demo LoRA and its demo upscaler from scratch, on one CPU thread.
+
+    PYTHONPATH=$PWD python tools/train_demo.py --out imagegen/data/demo
+
+The data are drawn on the fly by `imagegen.demo_scenes` (one flat shape on a flat background,
+32x32, with captions like "a small red circle at the top left on a blue background"; its module
+docstring documents the generator and the held-out pairs). Four stages, each seeded from
+`--seed`, each saving its weights when it ends (and the UNet every `--save-every` steps, so a
+cut-short run still leaves a usable model):
+
+1. VAE: an AutoencoderKL with three blocks (4x down: 32x32x3 -> 8x8x8), MSE + 0.5 L1 + a
+   small KL; then its `scaling_factor` is set to 1 / std of the latents.
+2. Text encoder + UNet, jointly, from scratch: a 2-layer, 64-wide CLIPTextModel (the real
+   49408-token vocabulary and tokenizer) and a 3-level UNet2DConditionModel, epsilon
+   prediction on the standard SD1.5 noise schedule, offset noise 0.1, EMA 0.999 (EMA weights
+   are the ones saved).
+3. Demo LoRA: rank-8 LoRA on every attention and feed-forward Linear of the frozen UNet,
+   trained on the same captions with the scene drawn with a white outline; saved in the
+   diffusers/peft key layout (`unet.<module>.lora_A.weight` / `lora_B.weight`).
+4. Demo upscaler (run second, it needs nothing else): SRVGGNetCompact x4 (imagegen.upscale.arch, 32 features, 8 convs) on
+   32 -> 128 pairs of the same scenes (the 32 px input sometimes blurred a little, like a VAE
+   decode), 16 px crops around the shape, MSE + 0.1 L1; saved as a BasicSR
+   `{"params_ema": ...}` .pth.
+5. VAE decoder: more steps on the decoder alone, the encoder frozen, so the latent space
+   stages 2-3 learnt stays as it was (it only reads the encoder, so it may run beside them:
+   `--stages decoder` in a second process).
+
+Weights are stored as float16 safetensors (the builtin loader casts them back to float32) to
+keep the package small. `--scale` multiplies every stage's step count (0.05 for a pilot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from imagegen import demo_scenes as ds  # noqa: E402
+
+SIDE = 32  # image side the model is trained at (and renders by default)
+DEFAULTS = {
+    "vae_steps": 1200,  # batch 16
+    "unet_steps": 1500,  # batch 32; the shipped UNet is the step-1200 checkpoint of this run (CPU time ran out)
+    "lora_steps": 250,  # batch 32
+    "sr_steps": 4000,  # batch 16 crops of 16 -> 64
+    "decoder_steps": 1000,  # batch 16
+    "save_every": 200,
+}
+VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [16, 32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 8,  # 4x4x3 pixels -> 8 numbers: sharp edges come back after a short training
+    "norm_num_groups": 16,
+    "sample_size": SIDE,
+    "scaling_factor": 1.0,  # set after stage 1
+}
+TEXT_CONFIG = {
+    "architectures": ["CLIPTextModel"],
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-05,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+    "projection_dim": 64,
+}
+UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": SIDE // 4,
+    "in_channels": 8,
+    "out_channels": 8,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,
+    "norm_num_groups": 16,
+    "use_linear_projection": True,
+}
+VAE_LR = 2e-3
+SR_KWARGS = {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 32, "num_conv": 8, "scale": 4}
+LORA_RANK = 8
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def init_args(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "architectures"}
+
+
+def batch_images(rng: np.random.Generator, n: int, *, outline: bool = False, side: int = SIDE):
+    scenes = [ds.random_scene(rng) for _ in range(n)]
+    imgs = np.stack([np.asarray(ds.draw(s, side, outline=outline), dtype=np.float32) for s in scenes])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2) / 127.5 - 1
+    return scenes, x
+
+
+def save_half(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    save_file(sd, str(path))
+
+
+# --- stage 1: VAE -------------------------------------------------------------------------
+
+
+def train_vae(out: Path, steps: int, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = AutoencoderKL(**init_args(VAE_CONFIG))
+    with torch.no_grad():  # start with a near-zero latent variance: the decoder sees a clean code
+        vae.encoder.conv_out.bias[VAE_CONFIG["latent_channels"] :] = -8.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        lr = VAE_LR * min(1.0, step / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        _, x = batch_images(rng, 16)
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.sample()).sample
+        rec = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+        loss = rec + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            log(f"vae {step}/{steps} rec {rec.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        _, x = batch_images(np.random.default_rng(seed + 99), 256)
+        z = vae.encode(x).latent_dist.mean
+        sf = float(1.0 / z.std())
+        shift = float(z.mean())
+    vae.register_to_config(scaling_factor=sf)
+    cfg = dict(VAE_CONFIG, scaling_factor=sf)
+    (out / "vae").mkdir(parents=True, exist_ok=True)
+    (out / "vae" / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_half(vae, out / "vae" / "diffusion_pytorch_model.safetensors")
+    log(f"vae saved: scaling_factor {sf:.4f} (latent mean {shift:.3f})")
+    return vae
+
+
+def train_decoder(out: Path, steps: int, seed: int) -> None:
+    """Stage 5: more training for the VAE decoder alone. The encoder (so the latent space the
+    UNet and LoRA were trained on) is frozen and saved back bit for bit."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = load(out, "vae")
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        lr = 1e-3 * min(1.0, step / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        _, x = batch_images(rng, 16)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        y = vae.decode(z).sample
+        rec = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        rec.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            log(f"decoder {step}/{steps} rec {rec.item():.4f} ({time.time() - t0:.0f}s)")
+    save_half(vae, out / "vae" / "diffusion_pytorch_model.safetensors")
+    log("vae decoder saved")
+
+
+# --- stage 2: text encoder + UNet ---------------------------------------------------------
+
+
+class Tokens:
+    """Caption -> input ids (77, padded as the pipeline pads), cached."""
+
+    def __init__(self) -> None:
+        from transformers import CLIPTokenizer
+
+        self.tok = CLIPTokenizer.from_pretrained(str(ROOT / "imagegen" / "data" / "clip-tokenizer"))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = self.tok(c, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
+        return torch.stack([self.cache[c] for c in captions])
+
+
+def noise_schedule():
+    from diffusers import DDPMScheduler
+
+    cfg = json.loads((ROOT / "imagegen" / "data" / "configs" / "sd15" / "scheduler" / "scheduler_config.json").read_text())
+    return DDPMScheduler(num_train_timesteps=cfg["num_train_timesteps"], beta_start=cfg["beta_start"],
+                         beta_end=cfg["beta_end"], beta_schedule=cfg["beta_schedule"])  # fmt: skip
+
+
+def diffusion_loss(unet, te, vae, sched, tokens, rng, *, outline: bool = False, batch: int = 32):
+    scenes, x = batch_images(rng, batch, outline=outline)
+    caps = [ds.random_caption(s, rng) for s in scenes]
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(z) + 0.1 * torch.randn(z.shape[0], z.shape[1], 1, 1)
+    t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],))
+    zt = sched.add_noise(z, noise, t)
+    ctx = te(tokens(caps))[0]
+    pred = unet(zt, t, ctx).sample
+    return (pred - noise).pow(2).mean()
+
+
+def train_unet(out: Path, vae, steps: int, seed: int, save_every: int):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    unet = UNet2DConditionModel(**init_args(UNET_CONFIG))
+    te = CLIPTextModel(CLIPTextConfig(**init_args(TEXT_CONFIG)))
+    ema_u = UNet2DConditionModel(**init_args(UNET_CONFIG))
+    ema_t = CLIPTextModel(CLIPTextConfig(**init_args(TEXT_CONFIG)))
+    ema_u.load_state_dict(unet.state_dict())
+    ema_t.load_state_dict(te.state_dict())
+    for m in (ema_u, ema_t, vae):
+        m.requires_grad_(False).eval()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    sched, tokens = noise_schedule(), Tokens()
+    ema_pairs = [(p_e, p) for a, b in ((ema_u, unet), (ema_t, te)) for p_e, p in zip(a.parameters(), b.parameters())]
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    (out / "text_encoder").mkdir(parents=True, exist_ok=True)
+    (out / "unet" / "config.json").write_text(json.dumps(UNET_CONFIG, indent=2) + "\n")
+    (out / "text_encoder" / "config.json").write_text(json.dumps(TEXT_CONFIG, indent=2) + "\n")
+
+    def save() -> None:
+        save_half(ema_u, out / "unet" / "diffusion_pytorch_model.safetensors")
+        save_half(ema_t, out / "text_encoder" / "model.safetensors")
+
+    t0, avg = time.time(), None
+    for step in range(1, steps + 1):
+        lr = 1e-3 * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = diffusion_loss(unet, te, vae, sched, tokens, rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_e, p in ema_pairs:
+                p_e.lerp_(p, 1 - decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps:
+            log(f"unet {step}/{steps} loss {avg:.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
+        if step % save_every == 0 or step == steps:
+            save()
+    return ema_u, ema_t
+
+
+# --- stage 3: demo LoRA -------------------------------------------------------------------
+
+
+class LoraLinear(torch.nn.Module):
+    def __init__(self, base: torch.nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.down.weight, std=1 / rank)
+        torch.nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def train_lora(out: Path, unet, te, vae, steps: int, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    wrapped: dict[str, LoraLinear] = {}
+    for name, mod in list(unet.named_modules()):
+        for attr, child in list(mod.named_children()):
+            full = f"{name}.{attr}" if name else attr
+            if isinstance(child, torch.nn.Linear) and any(full.endswith(t) for t in LORA_TARGETS) and "attentions" in full:
+                w = LoraLinear(child, LORA_RANK)
+                setattr(mod, attr, w)
+                wrapped[full] = w
+    params = [p for w in wrapped.values() for p in (w.down.weight, w.up.weight)]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    sched, tokens = noise_schedule(), Tokens()
+    t0, avg = time.time(), None
+    for step in range(1, steps + 1):
+        lr = 2e-3 * min(1.0, step / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = diffusion_loss(unet, te, vae, sched, tokens, rng, outline=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps:
+            log(f"lora {step}/{steps} loss {avg:.4f} ({time.time() - t0:.0f}s)")
+    sd = {}
+    for full, w in wrapped.items():
+        sd[f"unet.{full}.lora_A.weight"] = w.down.weight.detach().to(torch.float16).contiguous()
+        sd[f"unet.{full}.lora_B.weight"] = w.up.weight.detach().to(torch.float16).contiguous()
+    save_file(sd, str(out / "demo-outline.safetensors"), metadata={"format": "pt", "imagegen_demo": "white outline"})
+    # put the plain modules back, for anything that runs after
+    for name, mod in list(unet.named_modules()):
+        for attr, child in list(mod.named_children()):
+            if isinstance(child, LoraLinear):
+                setattr(mod, attr, child.base)
+    log(f"lora saved: {len(wrapped)} layers, rank {LORA_RANK}")
+
+
+# --- stage 4: demo upscaler ---------------------------------------------------------------
+
+
+def sr_pairs(rng: np.random.Generator, n: int):
+    """n (low, high, centre) triples: the scene at 32 and 128 px (the low one a bicubic or box
+    reduction, a quarter of the time blurred a little, like a VAE decode) and the shape's centre in
+    low-resolution pixels."""
+    from PIL import ImageFilter
+
+    lo, hi, centres = [], [], []
+    for _ in range(n):
+        s = ds.random_scene(rng)
+        h = ds.draw(s, SIDE * 4, outline=bool(rng.random() < 0.3))
+        low = h.resize((SIDE, SIDE), resample=3 if rng.random() < 0.5 else 4)  # bicubic or box
+        if rng.random() < 0.25:
+            low = low.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 0.6))))
+        lo.append(np.asarray(low, dtype=np.float32) / 255)
+        hi.append(np.asarray(h, dtype=np.float32) / 255)
+        col, row = ds.POSITIONS[s.position]
+        centres.append(((ds.CELL_CENTRES[row] + s.dy) * SIDE, (ds.CELL_CENTRES[col] + s.dx) * SIDE))
+    return (torch.from_numpy(np.stack(lo)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(hi)).permute(0, 3, 1, 2),
+            np.array(centres))  # fmt: skip
+
+
+def train_sr(out: Path, steps: int, seed: int) -> None:
+    """16x16 low-resolution crops around the shape (flat background teaches nothing), MSE + L1."""
+    from imagegen.upscale.arch import SRVGGNetCompact
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = SRVGGNetCompact(**SR_KWARGS)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.0)
+    pool_lo, pool_hi, centres = sr_pairs(rng, 1200)
+    c = 16  # crop side, low-resolution pixels
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        lr = 2e-3 * min(1.0, step / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        los, his = [], []
+        for i in rng.integers(0, len(pool_lo), 16):
+            cy, cx = centres[i] + rng.uniform(-6, 6, 2)
+            oy = int(np.clip(round(cy) - c // 2, 0, SIDE - c))
+            ox = int(np.clip(round(cx) - c // 2, 0, SIDE - c))
+            los.append(pool_lo[i, :, oy : oy + c, ox : ox + c])
+            his.append(pool_hi[i, :, 4 * oy : 4 * (oy + c), 4 * ox : 4 * (ox + c)])
+        lo, hi = torch.stack(los), torch.stack(his)
+        if rng.random() < 0.5:
+            lo, hi = lo.flip(-1), hi.flip(-1)
+        d = net(lo) - hi
+        loss = d.pow(2).mean() + 0.1 * d.abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps:
+            log(f"sr {step}/{steps} loss {loss.item():.5f} ({time.time() - t0:.0f}s)")
+    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    torch.save({"params_ema": sd}, str(out / "demo-x4.pth"))
+    log("upscaler saved")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "imagegen" / "data" / "demo")
+    ap.add_argument("--seed", type=int, default=20261201)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    ap.add_argument("--stages", default="vae,sr,unet,lora,decoder", help="comma list; later stages load earlier ones from --out")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from diffusers.utils import logging as dl
+
+    dl.set_verbosity_error()
+    n = {k: max(1, int(v * a.scale)) for k, v in DEFAULTS.items() if k != "save_every"}
+    stages = a.stages.split(",")
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    # Each stage reads the earlier ones back from --out (float16, as shipped), so a run of all
+    # stages and a run of one stage at a time train on exactly the same inputs.
+    if "vae" in stages:
+        train_vae(a.out, n["vae_steps"], a.seed)
+    if "sr" in stages:
+        train_sr(a.out, n["sr_steps"], a.seed + 3)
+    if "unet" in stages:
+        train_unet(a.out, load(a.out, "vae").requires_grad_(False), n["unet_steps"], a.seed + 1, DEFAULTS["save_every"])
+    if "lora" in stages:
+        unet, te = load(a.out, "unet"), load(a.out, "text_encoder")
+        train_lora(a.out, unet, te, load(a.out, "vae").requires_grad_(False), n["lora_steps"], a.seed + 2)
+    if "decoder" in stages:  # needs only the VAE: it may run beside stages 2-4
+        train_decoder(a.out, n["decoder_steps"], a.seed + 4)
+    log(f"done in {time.time() - t0:.0f}s")
+
+
+def load(out: Path, part: str):
+    """A trained part back from `out` (float32)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = json.loads((out / part / "config.json").read_text())
+    if part == "vae":
+        m, f = AutoencoderKL(**init_args(cfg)), "diffusion_pytorch_model.safetensors"
+    elif part == "unet":
+        m, f = UNet2DConditionModel(**init_args(cfg)), "diffusion_pytorch_model.safetensors"
+    else:
+        m, f = CLIPTextModel(CLIPTextConfig(**init_args(cfg))), "model.safetensors"
+    m.load_state_dict({k: v.float() for k, v in load_file(str(out / part / f)).items()})
+    return m.eval()
+
+
+if __name__ == "__main__":
+    main()
