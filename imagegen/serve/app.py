@@ -112,7 +112,8 @@ def _not_found() -> Response:
 
 
 def create_app(root: str | Path, tokens: Tokens, *, queue: Any = None) -> Starlette:
-    """The server for the run folders under `root` (queue: an optional `imagegen.serve.queue.Queue`)."""
+    """The server for the run folders under `root`; `queue` (an `imagegen.serve.queue.Queue`)
+    answers /api/queue for the admin token."""
     root = Path(root).resolve()
     previews = state_dir(root) / "previews"
 
@@ -186,10 +187,30 @@ def create_app(root: str | Path, tokens: Tokens, *, queue: Any = None) -> Starle
         Route("/deliveries", deliveries), Route("/file", file), Route("/preview", preview),
         Route("/api/picks", api_picks, methods=["GET", "POST"]),
     ]
-    if queue is not None:
-        from imagegen.serve.queue_routes import queue_routes
+    async def api_queue(request: Request) -> Response:
+        from starlette.concurrency import run_in_threadpool
 
-        routes += queue_routes(queue)
+        if (refused := require_admin(request)) is not None:
+            return refused
+        if queue is None:
+            return JSONResponse({"error": "this server has no queue (started with --no-queue)"}, status_code=404)
+        if request.method == "GET":
+            return JSONResponse({"entries": [e.as_dict() for e in await run_in_threadpool(queue.entries)]})
+        body = await _json_body(request)
+        if "cancel" in body:
+            if not isinstance(body["cancel"], int) or isinstance(body["cancel"], bool):
+                return JSONResponse({"error": "send {cancel: ID}"}, status_code=400)
+            return JSONResponse((await run_in_threadpool(queue.cancel, body["cancel"])).as_dict())
+        text, base_dir = body.get("recipe"), body.get("base_dir")
+        source, who = body.get("source"), body.get("who")
+        if not isinstance(text, str) or not isinstance(base_dir, str) or not all(
+                v is None or isinstance(v, str) for v in (source, who)):
+            return JSONResponse({"error": "send {recipe: YAML text, base_dir: absolute folder, source?, who?}"},
+                                status_code=400)
+        entry = await run_in_threadpool(lambda: queue.submit(text, base_dir=base_dir, source=source, who=who))
+        return JSONResponse(entry.as_dict())
+
+    routes.append(Route("/api/queue", api_queue, methods=["GET", "POST"]))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return _not_found()

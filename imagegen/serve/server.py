@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
 from imagegen.errors import InputError
-from imagegen.serve.tokens import Tokens, load_tokens
+from imagegen.serve.client import SERVER_FILE
+from imagegen.serve.tokens import Tokens, load_tokens, state_dir
 
 LAN_HOST = "0.0.0.0"
+QUEUE_FILE = "queue.sqlite"
 
 
 def lan_address() -> str:
@@ -38,18 +42,32 @@ def check_extra() -> None:
                          "(starlette and uvicorn)") from None
 
 
-def serve(root: Path, *, host: str, port: int, on_ready: Callable[[dict[str, str]], None]) -> None:
-    """Serve the runs under `root` until interrupted. Raises InputError for a missing folder or
-    the serve extra not installed."""
+def serve(root: Path, *, host: str, port: int, on_ready: Callable[[dict[str, str]], None],
+          queue: bool = True, device: str | None = None) -> None:
+    """Serve the runs under `root` until interrupted, with the GPU queue's worker (unless
+    `queue=False`). Raises InputError for a missing folder or the serve extra not installed."""
     check_extra()
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     import uvicorn
 
+    from imagegen.fsutil import write_bytes_atomic
     from imagegen.serve.app import create_app
+    from imagegen.serve.queue import Queue
 
     tokens = load_tokens(root, create=True)
-    app = create_app(root, tokens)
+    folder = state_dir(root)
+    worker = Queue(root, folder / QUEUE_FILE, device=device) if queue else None
+    app = create_app(root, tokens, queue=worker)
+    # Where `imagegen submit/queue/cancel` find this server (the token stays in tokens.json).
+    local = f"http://{'127.0.0.1' if host == LAN_HOST else host}:{port}"
+    write_bytes_atomic(folder / SERVER_FILE, json.dumps({"url": local, "pid": os.getpid()}).encode())
     on_ready(urls(tokens, host, port))
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+    if worker is not None:
+        worker.start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+    finally:
+        if worker is not None:
+            worker.stop()
