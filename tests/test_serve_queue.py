@@ -63,6 +63,8 @@ def test_admin_queues_viewer_may_not(root, tmp_path):
     outside = submit(admin, tmp_path, "c", f"output: {tmp_path / 'elsewhere'}\n")
     assert outside.status_code == 400 and "outside" in outside.json()["error"]
     assert [e["name"] for e in admin.get("/api/queue").json()["entries"]] == ["a"]
+    assert "GPU queue" in admin.get("/").text and "ann" in admin.get("/").text
+    assert "GPU queue" not in viewer.get("/").text  # the viewer does not see who queued what
 
 
 def test_order_cancel_and_resume_after_a_restart(root, tmp_path):

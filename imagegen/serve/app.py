@@ -129,7 +129,8 @@ def create_app(root: str | Path, tokens: Tokens, *, queue: Any = None) -> Starle
 
     def index(request: Request) -> Response:
         summaries = [runs.run_summary(root, name) for name in runs.find_runs(root)]
-        return html(pages.runs_page(summaries, **page_kw(request)))
+        entries = [x.as_dict() for x in queue.entries()] if queue is not None and request.state.role == "admin" else []
+        return html(pages.runs_page(summaries, entries, **page_kw(request)))
 
     def api_runs(request: Request) -> Response:
         return JSONResponse({"runs": [runs.run_summary(root, name) for name in runs.find_runs(root)]})

@@ -40,6 +40,7 @@ button[aria-pressed=true]{background:#2d6a2d;border-color:#5c5}.btn{display:inli
 .deliveries{display:grid;gap:.8em;grid-template-columns:repeat(auto-fill,minmax(260px,1fr))}
 .deliveries figure{margin:0;background:#1c1c1c;border-radius:.5em;overflow:hidden}.deliveries img{width:100%;display:block;background:#000}
 .deliveries figcaption{padding:.5em;font-size:.9em}#status{min-height:1.4em;color:#fd8}
+.queue{border-collapse:collapse;font-size:.9em;display:block;overflow-x:auto}.queue td,.queue th{padding:.3em .6em;border-bottom:1px solid #333;text-align:left}
 #comparebar{position:sticky;bottom:0;padding:.5em;background:#222;display:flex;gap:.5em;align-items:center}#comparebar[hidden]{display:none}
 """
 
@@ -182,7 +183,21 @@ def layout(title: str, body: str, *, role: str, csrf: str, nonce: str, scripts: 
     )
 
 
-def runs_page(runs: Sequence[dict], **kw: str) -> str:
+def queue_table(entries: Sequence[dict]) -> str:
+    """The admin's view of the GPU queue (newest last), or '' when it is empty."""
+    if not entries:
+        return ""
+    import time
+
+    rows = "".join(
+        f'<tr><td>#{x["id"]}</td><td>{e(x["status"])}</td><td>{x["done"]}/{x["total"]}</td><td>{e(x["name"])}</td>'
+        f'<td>{e(x["who"] or "?")}</td><td>{time.strftime("%m-%d %H:%M", time.localtime(x["submitted_at"]))}</td>'
+        f'<td>{e(x["message"] or "")}</td></tr>' for x in entries[-20:])
+    return ('<h2>GPU queue</h2><table class="queue"><tr><th>id</th><th>status</th><th>done</th><th>recipe</th>'
+            f'<th>who</th><th>submitted</th><th></th></tr>{rows}</table>')
+
+
+def runs_page(runs: Sequence[dict], queue: Sequence[dict] = (), **kw: str) -> str:
     cards = []
     for run in runs:
         name = run["name"]
@@ -201,7 +216,7 @@ def runs_page(runs: Sequence[dict], **kw: str) -> str:
             f' · <a href="{e(q("/deliveries", run=name))}">upscaled</a></div></div>'
         )
     body = f'<div class="runs">{"".join(cards)}</div>' if cards else "<p>No run folders here yet.</p>"
-    return layout("imagegen runs", body, scripts=[RUNS_JS], **kw)
+    return layout("imagegen runs", body + queue_table(queue), scripts=[RUNS_JS], **kw)
 
 
 def _caption(item: GalleryItem, axes: Sequence[str]) -> str:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,10 +266,3 @@ def fmt_eta(seconds: float | None) -> str:
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
-
-def now() -> float:
-    return time.time()
-
-
-__all__ = ["find_runs", "resolve_run", "resolve_file", "run_summary", "gallery", "current_picks", "set_pick",
-           "deliveries", "preview", "NotFound", "Mapping"]
