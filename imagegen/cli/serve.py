@@ -10,7 +10,7 @@ import typer
 
 from imagegen.cli.app import app, examples
 
-DIR_HELP = "The folder `imagegen serve` serves (its token file and address are found there)."
+DIR_HELP = "The folder `imagegen serve` serves: its token file and address are found there ($IMAGEGEN_SERVE_DIR)."
 SERVER_HELP = "The server's URL (default: the address recorded by the server under DIR)."
 
 
@@ -53,7 +53,7 @@ def _when(ts: Optional[float]) -> str:
                              "imagegen submit recipes/a.yaml --server http://gpu-box:8765   (token: $IMAGEGEN_SERVE_TOKEN)"))
 def submit(
     recipes: List[Path] = typer.Argument(..., metavar="RECIPE", help="Recipe files, queued in this order."),
-    folder: Path = typer.Option(Path("."), "--dir", help=DIR_HELP),
+    folder: Path = typer.Option(Path("."), "--dir", envvar="IMAGEGEN_SERVE_DIR", help=DIR_HELP),
     server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
 ) -> None:
     """Queue recipes on the `imagegen serve` GPU queue; they render one at a time, in order."""
@@ -65,7 +65,7 @@ def submit(
 
 @app.command("queue", epilog=examples("imagegen queue --dir runs"))
 def queue_list(
-    folder: Path = typer.Option(Path("."), "--dir", help=DIR_HELP),
+    folder: Path = typer.Option(Path("."), "--dir", envvar="IMAGEGEN_SERVE_DIR", help=DIR_HELP),
     server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
 ) -> None:
     """List the server's queue: who submitted what, when, and how far it got."""
@@ -81,7 +81,7 @@ def queue_list(
 @app.command(epilog=examples("imagegen cancel 12 --dir runs"))
 def cancel(
     entry_id: int = typer.Argument(..., metavar="ID", help="Queue entry number (see imagegen queue)."),
-    folder: Path = typer.Option(Path("."), "--dir", help=DIR_HELP),
+    folder: Path = typer.Option(Path("."), "--dir", envvar="IMAGEGEN_SERVE_DIR", help=DIR_HELP),
     server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
 ) -> None:
     """Cancel a queued recipe, or stop a running one after its current batch."""
