@@ -8,6 +8,7 @@ Picks change only through `imagegen.picks.update_picks` (the same file, format a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -215,7 +216,8 @@ def preview(path: Path, cache: Path, side: int = PREVIEW_SIDE) -> Path:
     """A JPEG of `path` with long side `side` at most, made once (Pillow; tifffile through a
     disk-backed memory map for big TIFFs) and kept in `cache` by name, size and mtime."""
     st = path.stat()
-    out = cache / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-{side}.jpg"
+    where = hashlib.sha256(str(path).encode()).hexdigest()[:12]  # two runs may hold the same file name
+    out = cache / f"{path.stem}-{where}-{st.st_size}-{int(st.st_mtime)}-{side}.jpg"
     if out.is_file():
         return out
     from PIL import Image
