@@ -211,3 +211,23 @@ def test_serve_help_has_examples():
 
     out = CliRunner().invoke(cli_app, ["serve", "--help"]).output
     assert "Examples:" in out and "--lan" in out
+
+
+def test_concurrent_picks_from_many_writers_are_not_lost(root):
+    """Without the server's thread lock: api.pick from many threads at once (each its own
+    store and flock on RUN/.picks.lock, as separate `imagegen pick` processes would)."""
+    from imagegen.api import pick
+
+    run = root / "alpha"
+    barrier = threading.Barrier(6)
+
+    def add(i):
+        barrier.wait()
+        pick(run, i)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert read_picks(run / "picks.txt") == [1, 2, 3, 4, 5, 6]
