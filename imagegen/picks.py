@@ -9,8 +9,11 @@ in step, and only this module calls it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from imagegen.errors import InputError
@@ -18,6 +21,8 @@ from imagegen.fsutil import write_bytes_atomic
 from imagegen.store import RunStore
 
 MAX_RANGE = 1_000_000  # a range longer than this is a typo, not a pick
+PICKS_LOCK = ".picks.lock"  # in the run folder: held while picks.txt changes
+MAX_NOTE = 200  # characters of a pick note (`42  # note`); longer notes are cut
 PICKS_HEADER = "imagegen picks: one job index per line (ranges like 12-15 and # comments allowed)"
 
 _TOKEN = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -159,14 +164,40 @@ def job_indices(store: RunStore) -> tuple[set[int], dict[str, int]]:
     return {r.index for r in rows}, {r.id: r.index for r in rows}
 
 
+def clean_note(note: str) -> str:
+    """A pick note as picks.txt can hold it: one line, no control characters, at most
+    MAX_NOTE characters."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in note).split())[:MAX_NOTE]
+
+
 def update_picks(store: RunStore, args: Sequence[str] = (), *, from_file: Path | None = None, remove: bool = False,
-                 clear: bool = False) -> list[int]:
+                 clear: bool = False, notes: Mapping[int, str] | None = None) -> list[int]:
     """Change the picks, write picks.txt atomically and mirror it into the manifest.
 
     `args` are added (or removed with `remove`); `from_file` (a list exported from index.html)
     *replaces* the picks, since it holds the whole set chosen in the browser; `clear` empties
-    first. Raises InputError (nothing written) for an index or id that is not in the run, or a
-    `from_file` that is not a readable file."""
+    first. `notes` sets the note of these indices (an empty note removes it; kept as
+    `42  # note` in picks.txt). Raises InputError (nothing written) for an index or id that is
+    not in the run, or a `from_file` that is not a readable file."""
+    with picks_lock(store):
+        return _update_picks(store, args, from_file, remove, clear, notes)
+
+
+@contextlib.contextmanager
+def picks_lock(store: RunStore) -> Iterator[None]:
+    """Hold RUN/.picks.lock (an flock, blocking) while picks.txt is read, changed and written, so
+    that concurrent changes (`imagegen pick`, the review server, a render remapping picks) are
+    never lost. The sections it guards are short: waiting is fine."""
+    fd = os.open(store.folder / PICKS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _update_picks(store: RunStore, args: Sequence[str], from_file: Path | None, remove: bool, clear: bool,
+                  notes: Mapping[int, str] | None) -> list[int]:
     valid, ids = job_indices(store)
     chosen = parse_pick_args(list(args), valid, ids=ids) if args else []
     if from_file is not None:
@@ -179,8 +210,10 @@ def update_picks(store: RunStore, args: Sequence[str] = (), *, from_file: Path |
         chosen = sorted(set(chosen) | set(extra))
     current = set() if clear or from_file is not None else set(read_picks(store.picks_file, ids=ids))
     new = current - set(chosen) if remove else current | set(chosen)
-    notes = {**read_pick_notes(store.picks_file), **(read_pick_notes(from_file) if from_file is not None else {})}
-    write_picks(store.picks_file, sorted(new), header=PICKS_HEADER, notes=notes)
+    kept_notes = {**read_pick_notes(store.picks_file), **(read_pick_notes(from_file) if from_file is not None else {})}
+    for index, note in (notes or {}).items():
+        kept_notes[index] = clean_note(note)
+    write_picks(store.picks_file, sorted(new), header=PICKS_HEADER, notes=kept_notes)
     store.set_picks(sorted(new))
     return sorted(new)
 
@@ -204,6 +237,11 @@ def remap_picks(store: RunStore, old_ids: dict[int, str]) -> tuple[int, list[str
     `old_ids` maps the indices picks.txt was written against to job ids. Picks of jobs no
     longer in the recipe are dropped from the list and kept as comments. Returns (picks moved,
     orphaned picks). A picks.txt with errors is left alone (the next `pick` reports them)."""
+    with picks_lock(store):
+        return _remap_picks(store, old_ids)
+
+
+def _remap_picks(store: RunStore, old_ids: dict[int, str]) -> tuple[int, list[str]]:
     try:
         picks = read_picks(store.picks_file)
     except InputError:

@@ -106,7 +106,8 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"imagegen {__version__}"
 
 
-COMMANDS = ["validate", "plan", "render", "status", "reproduce", "sheet", "pick", "picks", "upscale"]
+COMMANDS = ["validate", "plan", "render", "status", "reproduce", "sheet", "pick", "picks", "upscale", "serve", "submit",
+            "queue", "cancel"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

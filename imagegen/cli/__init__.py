@@ -11,6 +11,7 @@ import sys
 from imagegen.cli.app import app, run_app
 from imagegen.cli import recipes as _recipes  # noqa: F401  validate, plan
 from imagegen.cli import render as _render  # noqa: F401  render, status, reproduce
+from imagegen.cli import serve as _serve  # noqa: F401  serve, submit, queue, cancel
 from imagegen.cli import sheets as _sheets  # noqa: F401  sheet, pick, picks
 from imagegen.cli import upscale as _upscale  # noqa: F401  upscale
 

@@ -127,6 +127,8 @@ class Reporter:
                 left = self.total - finished
                 self.line(f"{finished}/{self.total} ({self.failed} failed), {rate:.2f} img/s, "
                           f"ETA {_fmt_eta(left / rate if rate else None)}")
+        elif kind == "device_wait":
+            self.line(event["message"])
         elif kind == "oom":
             if not self.oom_said:  # said once; further halvings are in log.jsonl and the summary
                 self.oom_said = True
@@ -216,7 +218,7 @@ def render(
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Render at most N pending jobs (per recipe)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be rendered; touch nothing."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Render failed jobs again."),
-    wait: bool = typer.Option(False, "--wait", help="Wait for another render holding the run folder instead of stopping."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for another render holding the run folder or the GPU instead of stopping."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop the queue at the first recipe that fails to validate."),
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: the recipe's `output`)."),
@@ -245,7 +247,8 @@ def render(
                     continue
                 summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet,
                                       options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
-                                                            batch_size=batch_size, allow_download=allow_download))
+                                                            batch_size=batch_size, allow_download=allow_download,
+                                                            wait_device=wait))
             except (InputError, RunLockedError) as exc:
                 # One bad recipe, model or busy folder does not stop the overnight queue.
                 if len(recipes) == 1:

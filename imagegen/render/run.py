@@ -7,6 +7,7 @@ No printing here: progress goes out as event dicts to `on_event`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,6 +32,7 @@ class RenderOptions:
     batch_size: int | None = None  # overrides the recipe's batch_size
     allow_download: bool = False
     refresh_every: float = 600.0  # seconds between `on_refresh` calls during a long render
+    wait_device: bool = False  # wait for another imagegen rendering on the same GPU instead of refusing
 
 
 @dataclass
@@ -69,7 +71,9 @@ def render_recipe(
     is generated is still written. Raises DiskFullError when the disk fills (finished images
     are kept and recorded), ModelError / InputError for unusable models."""
     try:
-        return _render(recipe, store, options or RenderOptions(), on_event, should_stop, on_refresh, open_engine)
+        with contextlib.ExitStack() as hold:  # the device lock, from the model load to the end
+            return _render(recipe, store, options or RenderOptions(), on_event, should_stop, on_refresh, open_engine,
+                           hold)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full(store.folder, exc.filename or "writing") from None
@@ -78,7 +82,7 @@ def render_recipe(
 
 def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Callable[[Event], None],
             should_stop: Callable[[], str | None], on_refresh: Callable[[], None] | None,
-            open_engine: Callable[..., Any] | None) -> RenderSummary:
+            open_engine: Callable[..., Any] | None, hold: contextlib.ExitStack) -> RenderSummary:
     started = time.monotonic()
 
     def emit(event: Event) -> None:
@@ -99,7 +103,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         return summary
 
     # 2. Check every file before loading anything heavy, then load the model once.
-    engine, hashes = _load(recipe, run.pending, opts, emit, open_engine)
+    engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
     batches = Batches(run.pending, opts.batch_size or recipe.batch_size)
     emit({"event": "loaded", "model": engine.model_name, "family": engine.family, "device": engine.device, "dtype": engine.dtype,
           "seconds": round(time.monotonic() - started, 2), "batch_size": batches.batch_size})
@@ -178,8 +182,9 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
 
 
 def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callable[[Event], None],
-          open_engine: Callable[..., Any] | None) -> tuple[Any, dict[str, str | None]]:
-    """Check every LoRA against the model family, hash the files, load the model once."""
+          open_engine: Callable[..., Any] | None, hold: contextlib.ExitStack) -> tuple[Any, dict[str, str | None]]:
+    """Check every LoRA against the model family, hash the files, take the device's lock (one
+    renderer per GPU: `imagegen.devicelock`), load the model once."""
     from imagegen.engine import check_lora
     from imagegen.engine import open_engine as default_open
 
@@ -189,6 +194,13 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
     for path in lora_files if family else ():
         check_lora(path, family)
     hashes = file_hashes(pending)
+    if open_engine is None:  # a real engine: the GPU is ours until the render ends (a caller that
+        # passes its own open_engine, like the serve queue, holds the device lock itself)
+        from imagegen.devicelock import device_lock
+        from imagegen.devices import resolve_device
+
+        hold.enter_context(device_lock(resolve_device(opts.device), wait=opts.wait_device,
+                                       on_wait=lambda message: emit({"event": "device_wait", "message": message})))
     emit({"event": "loading", "model": recipe.checkpoint})
     engine = (open_engine or default_open)(recipe.checkpoint, family=recipe.family, vae=recipe.vae, device=opts.device,
                                            dtype=opts.dtype, allow_download=opts.allow_download)
