@@ -231,3 +231,20 @@ def test_concurrent_picks_from_many_writers_are_not_lost(root):
     for t in threads:
         t.join()
     assert read_picks(run / "picks.txt") == [1, 2, 3, 4, 5, 6]
+
+
+def test_lan_link_as_a_terminal_qr_code():
+    import qrcode
+
+    from imagegen.serve.qr import terminal_qr
+
+    link = "http://192.168.1.20:8765/?token=viewer-token-0123456789"
+    code = terminal_qr(link)
+    lines = code.splitlines()
+    assert len(lines) > 10 and len({len(line) for line in lines}) == 1  # a square block of equal lines
+    assert set("".join(lines)) <= set(" \xa0▀▄█")  # qrcode draws light modules as no-break spaces
+    # the same modules qrcode computes for the link: two rows of modules per text line
+    matrix = qrcode.QRCode(border=2, error_correction=qrcode.constants.ERROR_CORRECT_M)
+    matrix.add_data(link)
+    matrix.make(fit=True)
+    assert len(lines) == (len(matrix.get_matrix()) + 1) // 2

@@ -35,6 +35,12 @@ def serve(
         typer.echo(f"  viewer (browse and pick):     {links['viewer']}")
         if lan:
             typer.echo("  anyone on this network with a link gets in: share the viewer link only")
+            from imagegen.serve.qr import terminal_qr
+
+            code = terminal_qr(links["viewer"])
+            if code:
+                typer.echo("  the viewer link, for a tablet's camera:")
+                typer.echo(code)
 
     run_server(folder, host=LAN_HOST if lan else host, port=port, on_ready=ready, queue=not no_queue, device=device)
 
