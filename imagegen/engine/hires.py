@@ -43,6 +43,13 @@ class HiresRequest:
     scheduler: str
     keep_first: bool = False
 
+    @classmethod
+    def from_content(cls, content: dict, *, keep_first: bool = False) -> "HiresRequest":
+        """From a job's canonical `hires` content (plan.HiresPass.content, the image's JSON)."""
+        w, h = content["size"]
+        return cls(int(w), int(h), content["upscaler"], float(content["denoise"]), int(content["steps"]), content["scheduler"],
+                   keep_first)
+
     @property
     def latent_mode(self) -> str | None:
         """torch interpolation mode of a latent upscaler; None for a pixel upscaler."""

@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagegen.fsutil import remove_temp_files
 from imagegen.metadata import read_provenance
 from imagegen.picks import remap_picks
 from imagegen.plan import Job, plan
 from imagegen.recipe import Recipe
+from imagegen.render.writer import FIRST_FOLDER
 from imagegen.store import RunStore
 
 
@@ -64,6 +66,7 @@ def prepare_run(recipe: Recipe, store: RunStore, *, retry_failed: bool = False, 
     old_ids = {r.index: r.id for r in store.rows()}
     sync = store.sync_plan([j.to_dict() for j in jobs])
     rec = store.reconcile(verify=verify_image)
+    rec.temp_removed += remove_temp_files(store.folder / FIRST_FOLDER)  # hires first passes (keep_first)
     picks_moved, picks_orphaned = remap_picks(store, old_ids)
     for _, image_path, thumb_path in rec.missing_thumbs:
         remake_thumbnail(image_path, thumb_path)
