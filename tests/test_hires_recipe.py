@@ -143,3 +143,34 @@ def test_upscaler_file_is_checked_without_torch(tmp_path):
           upscaler: junk.safetensors
     """)
     assert any("`hires.upscaler`:" in p and "not a readable .safetensors file" in p for p in out)
+
+
+def test_packshot_template_renders_1024_then_1536_and_validates_with_its_files(tmp_path):
+    """recipes/sdxl-packshot.yaml with stand-ins for the user's files (a tiny SDXL model, tiny
+    LoRAs, a tiny Real-ESRGAN .pth) validates, header-checking the hires upscaler without torch."""
+    pytest.importorskip("torch")
+    from engine_fixtures import make_tiny_lora
+    from test_upscale import rrdb, save
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    text = (root / "sdxl-packshot.yaml").read_text()
+    for sub in ("models", "loras"):
+        (tmp_path / sub).mkdir()
+    save(rrdb(), tmp_path / "models" / "RealESRGAN_x4plus.pth", "basicsr")
+    make_tiny_lora(tmp_path / "loras" / "product-photo.safetensors", "sdxl")
+    make_tiny_lora(tmp_path / "loras" / "soft-light.safetensors", "sdxl", seed=1)
+    (tmp_path / "wildcards").symlink_to(root / "wildcards")
+    text = text.replace("checkpoint: models/sd_xl_base_1.0.safetensors", "checkpoint: builtin:tiny-sdxl")
+    (tmp_path / "packshot.yaml").write_text(text)
+    r = load_recipe(tmp_path / "packshot.yaml")
+    jobs = plan(r)
+    assert len(jobs) == 1000 and r.sizes == ((1024, 1024),)
+    hr = jobs[0].hires
+    assert (hr.width, hr.height, hr.denoise, hr.steps, hr.upscaler) == (1536, 1536, 0.35, 15, str(tmp_path / "models" / "RealESRGAN_x4plus.pth"))
+    # a weight file of another kind is refused at validation, naming the layouts we read
+    save(rrdb(), tmp_path / "models" / "RealESRGAN_x4plus.pth", "basicsr")
+    import torch
+
+    torch.save({"params_ema": {"conv.weight": torch.zeros(3, 3, 3, 3)}}, tmp_path / "models" / "RealESRGAN_x4plus.pth")
+    with pytest.raises(RecipeError, match="`hires.upscaler`: .*not a Real-ESRGAN/ESRGAN weight file"):
+        load_recipe(tmp_path / "packshot.yaml")
