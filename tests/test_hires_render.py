@@ -22,6 +22,8 @@ from imagegen.plan import plan
 from imagegen.recipe import load_recipe
 from imagegen.reproduce import reproduce_image
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RECIPE = """
 name: hires
 model:
@@ -89,6 +91,16 @@ def test_render_hires_metadata_keep_first_and_reproduce(tmp_path, model):
     assert first == {"pass": "txt2img", "size": [64, 64], "steps": 3, "scheduler": "Euler a"}
     assert second["size"] == [96, 96] and second["steps"] == 2 and second["schedule_steps"] == int(2 / job.hires.denoise)
     assert second["scheduler_config"]["_class_name"] == "DPMSolverMultistepScheduler"
+    # sheets label the hires axes: they come through the job's axes, and can lay out a grid
+    from imagegen.sheets.items import varying_axes
+    from imagegen.sheets.run import sheet_items, write_run_sheets
+    from imagegen.store import RunStore
+
+    with RunStore.open(run) as store:
+        items = sheet_items(store)
+        assert "denoise" in varying_axes(items) and items[0].axes["hires"] == "x1.5 96x96"
+        pages, _ = write_run_sheets(store, x="denoise", y="seed")
+        assert pages
     # reproduce renders both passes again
     rep = reproduce_image(images[5], device="cpu")
     assert rep.max_diff <= 1
