@@ -174,3 +174,24 @@ def test_packshot_template_renders_1024_then_1536_and_validates_with_its_files(t
     torch.save({"params_ema": {"conv.weight": torch.zeros(3, 3, 3, 3)}}, tmp_path / "models" / "RealESRGAN_x4plus.pth")
     with pytest.raises(RecipeError, match="`hires.upscaler`: .*not a Real-ESRGAN/ESRGAN weight file"):
         load_recipe(tmp_path / "packshot.yaml")
+
+
+def test_infotext_hires_keys_round_trip():
+    from imagegen.metadata import format_parameters, hires_fields, parse_hires, parse_parameters
+
+    extra = hires_fields(given=("width", 1536), width=1536, height=1152, steps=12, upscaler="RealESRGAN_x4plus",
+                         denoise=0.35, scheduler="Euler a", first_scheduler="DPM++ 2M Karras")
+    assert list(extra) == ["Denoising strength", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler",
+                           "Hires schedule type"]
+    text = format_parameters(prompt="a vase", negative="", steps=30, scheduler="DPM++ 2M Karras", guidance=6.5, seed=1,
+                             width=1024, height=768, model_name="m", extra=extra)
+    assert "Denoising strength: 0.35, Hires resize: 1536x1152, Hires steps: 12, Hires upscaler: RealESRGAN_x4plus, " \
+           "Hires sampler: Euler a, Hires schedule type: Automatic" in text
+    assert parse_hires(parse_parameters(text)) == {"scale": None, "size": [1536, 1152], "steps": 12, "denoise": 0.35,
+                                                   "upscaler": "RealESRGAN_x4plus", "scheduler": "Euler a"}
+    # A1111's own spelling when only the width was given, and "Hires steps: 0" = the first pass's steps
+    a1111 = parse_parameters("x\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Denoising strength: 0.5, "
+                             "Hires resize: 1024x0, Hires steps: 0, Hires upscaler: Latent")
+    assert parse_hires(a1111) == {"scale": None, "size": [1024, 0], "steps": None, "denoise": 0.5, "upscaler": "Latent",
+                                  "scheduler": None}
+    assert parse_hires(parse_parameters("x\nSteps: 20, Sampler: Euler, Seed: 1")) is None

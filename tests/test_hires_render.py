@@ -101,6 +101,13 @@ def test_render_hires_metadata_keep_first_and_reproduce(tmp_path, model):
         assert "denoise" in varying_axes(items) and items[0].axes["hires"] == "x1.5 96x96"
         pages, _ = write_run_sheets(store, x="denoise", y="seed")
         assert pages
+    # import gives back the recipe of the very job (same id)
+    from imagegen.importer import import_image
+
+    again = tmp_path / "again.yaml"
+    again.write_text(import_image(images[5]).text)
+    [same] = plan(load_recipe(again))
+    assert same.id == job.id and same.hires == job.hires.__class__(**{**job.hires.__dict__, "keep_first": False})
     # reproduce renders both passes again
     rep = reproduce_image(images[5], device="cpu")
     assert rep.max_diff <= 1
