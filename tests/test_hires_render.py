@@ -130,6 +130,22 @@ def test_width_target_lanczos_infotext(tmp_path):
     assert parse_hires(fields)["size"] == [80, 80]
 
 
+def test_kept_first_passes_follow_index_changes(tmp_path):
+    path = write(tmp_path, """
+        scale: 1.25
+        upscaler: latent-nearest
+        denoise: 0.5
+        keep_first: true
+    """, batch=2)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    before = {p.name.split("-")[1]: p for p in (tmp_path / "run" / "first").glob("*.png")}
+    path.write_text(path.read_text().replace("seeds: [5, 6]", "seeds: [4, 5, 6]"))  # new jobs before the old ones
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    jobs = plan(load_recipe(path))
+    assert sorted(p.name for p in (tmp_path / "run" / "first").glob("*.png")) == [f"{j.index:04d}-{j.id}.png" for j in jobs]
+    assert len(before) == 4 and len(jobs) == 6
+
+
 @pytest.mark.slow
 def test_kill_9_in_a_hires_batch_then_resume(tmp_path):
     """Killed at random moments during hires batches of 2; the resumed run equals a clean one
