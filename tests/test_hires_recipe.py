@@ -195,3 +195,24 @@ def test_infotext_hires_keys_round_trip():
     assert parse_hires(a1111) == {"scale": None, "size": [1024, 0], "steps": None, "denoise": 0.5, "upscaler": "Latent",
                                   "scheduler": None}
     assert parse_hires(parse_parameters("x\nSteps: 20, Sampler: Euler, Seed: 1")) is None
+
+
+def test_validate_checks_an_upscaler_file_without_torch_numpy_or_pillow(tmp_path):
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    torch.save({"params_ema": {"conv.weight": torch.zeros(3, 3, 3, 3)}}, tmp_path / "odd.pth")
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(BASE) + "hires:\n  upscaler: odd.pth\n")
+    code = textwrap.dedent(f"""
+        import sys
+        from imagegen.cli import run_app
+        try:
+            run_app(["validate", r"{path}"])
+        except SystemExit:
+            pass
+        print("HEAVY", [m for m in ("torch", "diffusers", "transformers", "numpy", "PIL") if m in sys.modules])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout and "not a Real-ESRGAN/ESRGAN weight file" in out.stderr
