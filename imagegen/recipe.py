@@ -893,7 +893,7 @@ def _hires_upscaler(doc: _Doc, value: Any, path: Path_, base: Path) -> str:
     if isinstance(value, str) and value in HIRES_UPSCALERS:
         return value
     names = ", ".join(HIRES_UPSCALERS)
-    if not _is_path_text(value) or not Path(value).suffix:
+    if not _is_path_text(value) or not (Path(value).suffix or value.startswith(BUILTIN_PREFIX)):
         doc.problem(path, f"`hires.upscaler` must be one of {names} or a Real-ESRGAN weight file (.pth, .safetensors), got {_show(value)}")
         return DEFAULTS["hires_upscaler"]
     file = _resolve(base, value)

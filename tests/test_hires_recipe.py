@@ -216,3 +216,13 @@ def test_validate_checks_an_upscaler_file_without_torch_numpy_or_pillow(tmp_path
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout and "not a Real-ESRGAN/ESRGAN weight file" in out.stderr
+
+
+def test_builtin_upscaler_file(tmp_path):
+    r = load(tmp_path, """
+        hires:
+          upscaler: builtin:demo-x4
+    """, base=BASE.replace("builtin:tiny-sd15", "builtin:demo-sd15"))
+    from imagegen.models import BUILTIN_FILES
+
+    assert r.hires.upscaler == str(BUILTIN_FILES["demo-x4"].resolve()) and plan(r)[0].hires.width == 64

@@ -160,6 +160,31 @@ def enlarge_pixels(engine: "Engine", hr: HiresRequest, images: Sequence[Any]) ->
     return out
 
 
+def accept_latents(i2i: Any) -> None:
+    """Let `i2i` take latents with other than 4 channels as `image` (builtin:demo-sd15 has 8).
+
+    diffusers' img2img takes a tensor as latents only when it has 4 channels and VAE-encodes
+    anything else; for such a VAE this does for latents what diffusers does for 4-channel
+    ones: noise from the image's generator, added at the first timestep. Set once per pipeline."""
+    if getattr(i2i, "_imagegen_accepts_latents", False):
+        return
+    from diffusers.utils.torch_utils import randn_tensor
+
+    original = i2i.prepare_latents
+    channels = i2i.vae.config.latent_channels
+
+    def prepare_latents(image: Any, timestep: Any, batch_size: int, num_images_per_prompt: int, dtype: Any, device: Any,
+                        generator: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if not (hasattr(image, "shape") and image.ndim == 4 and image.shape[1] == channels):
+            return original(image, timestep, batch_size, num_images_per_prompt, dtype, device, generator, *args, **kwargs)
+        latents = image.to(device=device, dtype=dtype)
+        noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
+        return i2i.scheduler.add_noise(latents, noise, timestep)
+
+    i2i.prepare_latents = prepare_latents
+    i2i._imagegen_accepts_latents = True
+
+
 def second_pass(engine: "Engine", hr: HiresRequest, first: Any, requests: Sequence[Any], generators: list,
                 embeds: dict[str, Any], guidance: float) -> tuple[Any, list[Any] | None]:
     """Run the hires pass on the first pass's output (latents or a float image batch).
@@ -176,7 +201,8 @@ def second_pass(engine: "Engine", hr: HiresRequest, first: Any, requests: Sequen
         latents = first
         if hr.keep_first:
             kept = [to_uint8(a) for a in decode_latents(pipe, latents)]
-        image: Any = F.interpolate(latents, size=(hr.height // 8, hr.width // 8), mode=hr.latent_mode)
+        f = pipe.vae_scale_factor  # 8 for SD1.5 and SDXL
+        image: Any = F.interpolate(latents, size=(hr.height // f, hr.width // f), mode=hr.latent_mode)
     else:
         arrays = [to_uint8(a) for a in first]
         kept = arrays if hr.keep_first else None
@@ -184,6 +210,8 @@ def second_pass(engine: "Engine", hr: HiresRequest, first: Any, requests: Sequen
 
     # 2. img2img on the same components, with its own fresh scheduler.
     i2i = engine.img2img_pipeline()
+    if hr.latent_mode and pipe.vae.config.latent_channels != 4:
+        accept_latents(i2i)
     i2i.scheduler = engine._make_scheduler(hr.scheduler)
     if hasattr(i2i.scheduler, "noise_sampler_seed"):
         i2i.scheduler.noise_sampler_seed = [int(r.seed) for r in requests]
