@@ -90,6 +90,9 @@ def test_render_hires_metadata_keep_first_and_reproduce(tmp_path, model):
     first, second = prov["passes"]
     assert first == {"pass": "txt2img", "size": [64, 64], "steps": 3, "scheduler": "Euler a"}
     assert second["size"] == [96, 96] and second["steps"] == 2 and second["schedule_steps"] == int(2 / job.hires.denoise)
+    from imagegen.engine.hires import img2img_schedule
+
+    assert (second["schedule_steps"], second["strength"]) == img2img_schedule(2, job.hires.denoise)
     assert second["scheduler_config"]["_class_name"] == "DPMSolverMultistepScheduler"
     # sheets label the hires axes: they come through the job's axes, and can lay out a grid
     from imagegen.sheets.items import varying_axes

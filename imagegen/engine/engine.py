@@ -293,7 +293,7 @@ class Engine:
         if first.hires is not None:
             from .hires import check_hires
 
-            check_hires(first.hires, first.width, first.height)
+            check_hires(first.hires)
             scheduler_spec(first.hires.scheduler)
         return first
 

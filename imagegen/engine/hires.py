@@ -75,7 +75,7 @@ def img2img_schedule(steps: int, denoise: float) -> tuple[int, float]:
     return n, strength
 
 
-def check_hires(hr: HiresRequest, width: int, height: int) -> None:
+def check_hires(hr: HiresRequest) -> None:
     """Raises InputError for a second pass that cannot run."""
     if hr.width % 8 or hr.height % 8 or not 8 <= hr.width <= MAX_RENDER_SIDE or not 8 <= hr.height <= MAX_RENDER_SIDE:
         raise InputError(f"hires `width` and `height` must be multiples of 8 up to {MAX_RENDER_SIDE}, got {hr.width}x{hr.height}")
@@ -94,14 +94,6 @@ def check_hires(hr: HiresRequest, width: int, height: int) -> None:
 def first_output_type(hr: HiresRequest) -> str:
     """What the first pass returns: latents for a latent upscaler, else the decoded image."""
     return "latent" if hr.latent_mode else "np"
-
-
-def upscaler_name(hr: HiresRequest) -> str:
-    """The infotext `Hires upscaler` value: A1111's name, or the weight file's stem."""
-    from pathlib import Path
-
-    entry = HIRES_UPSCALERS.get(hr.upscaler)
-    return entry[0] if entry else Path(hr.upscaler).stem
 
 
 def to_uint8(arr: Any) -> Any:

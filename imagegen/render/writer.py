@@ -59,14 +59,14 @@ def hires_provenance(job: Job, hashes: dict[str, str | None], scheduler_config: 
     """Both passes of a hires job, as the JSON records them."""
     hr = job.hires
     assert hr is not None
-    n = max(hr.steps, int(hr.steps / hr.denoise))  # engine/hires.py img2img_schedule
+    n = max(hr.steps, int(hr.steps / hr.denoise))  # as engine/hires.py img2img_schedule (torch-free here)
     return [
         {"pass": "txt2img", "size": [job.width, job.height], "steps": job.steps, "scheduler": job.scheduler},
         {"pass": "hires", "size": [hr.width, hr.height], "given": list(hr.given), "upscaler": hr.upscaler,
          "upscaler_name": hires_upscaler_name(hr.upscaler), "upscaler_sha256": hashes.get(hr.upscaler),
          "denoise": hr.denoise, "steps": hr.steps, "schedule_steps": n, "scheduler": hr.scheduler,
-         "scheduler_config": scheduler_config, "img2img": "diffusers img2img, num_inference_steps=schedule_steps, "
-                                                         "strength=min(1, (steps + 0.5) / schedule_steps)"},
+         "strength": min(1.0, (hr.steps + 0.5) / n),  # diffusers' img2img: num_inference_steps=schedule_steps
+         "scheduler_config": scheduler_config},
     ]
 
 
