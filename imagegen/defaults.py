@@ -24,6 +24,17 @@ MAX_YAML_DEPTH = 40  # nested lists/mappings in a recipe (real recipes nest 4 de
 MAX_YAML_VALUES = 100_000  # values a recipe may hold once YAML aliases (`*name`) are followed
 MAX_JOBS_LIMIT = 10_000_000  # the largest `max_jobs` a recipe may set: a manifest row per job must fit a disk
 
+# --- hires pass ------------------------------------------------------------------------------
+# `hires.upscaler` names -> (A1111's infotext name, torch interpolation mode on the latents, or
+# None for a pixel upscaler). A weight file (Real-ESRGAN) is the other choice.
+HIRES_UPSCALERS: dict[str, tuple[str, str | None]] = {
+    "latent": ("Latent", "bilinear"),  # A1111 "Latent": bilinear, no antialias
+    "latent-bicubic": ("Latent (bicubic)", "bicubic"),
+    "latent-nearest": ("Latent (nearest)", "nearest"),
+    "lanczos": ("Lanczos", None),  # decode, Lanczos-resize the 8-bit image, encode
+}
+MAX_HIRES_SCALE = 8.0  # largest `hires.scale` (A1111's slider stops at 4)
+
 # --- upscale output formats -----------------------------------------------------------------
 # Canonical format -> the spellings accepted on the command line and as file suffixes.
 FORMATS: dict[str, tuple[str, ...]] = {

@@ -19,11 +19,13 @@ from typing import Any
 import yaml
 
 from imagegen.errors import InputError
-from imagegen.metadata import PARAMETERS_KEY, PROVENANCE_KEY, parse_parameters, read_png_text
+from imagegen.metadata import PARAMETERS_KEY, PROVENANCE_KEY, parse_hires, parse_parameters, read_png_text
 from imagegen.samplers import lookup_sampler
 
 # Infotext fields that become recipe keys (the rest are kept as comments).
-_USED = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Clip skip", "Emphasis"}
+_USED = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Clip skip", "Emphasis",
+         "Denoising strength", "Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler",
+         "Hires schedule type"}
 _EMPHASIS = {"Original": "original", "No norm": "no-norm", "None": "ignore"}
 
 
@@ -150,8 +152,26 @@ def from_provenance(prov: dict, name: str) -> Imported:
             lines.append(_dump(key, c[key]))
     if c.get("embeddings"):
         lines.append(_dump("embeddings", list(c["embeddings"])))
+    if c.get("hires"):
+        lines += _hires_lines(prov)
     lines.append(_dump("output", f"runs/{name}"))
     return Imported("\n".join(lines) + "\n")
+
+
+def _hires_lines(prov: dict) -> list[str]:
+    """The `hires:` section of an imagegen job: the target as the recipe gave it (so the job id is
+    the same), then every setting explicit."""
+    hr = prov["content"]["hires"]
+    passes = prov.get("passes") or []
+    given = next((p.get("given") for p in passes if p.get("pass") == "hires" and p.get("given")), None)
+    kind, value = given if given else ("width", hr["size"][0])
+    return ["hires:", "  " + _dump(kind, value), "  " + _dump("upscaler", hr["upscaler"]), "  " + _dump("denoise", hr["denoise"]),
+            "  " + _dump("steps", hr["steps"]), "  " + _dump("scheduler", hr["scheduler"])]
+
+
+# A1111's hires upscaler names -> ours (others are model names: a weight file to point at).
+_A1111_HIRES = {"Latent": "latent", "Latent (bicubic)": "latent-bicubic", "Latent (nearest)": "latent-nearest",
+                "Lanczos": "lanczos"}
 
 
 def from_infotext(text: str, name: str, *, lora_dir: Path | None = None, model: Path | None = None,
@@ -225,6 +245,25 @@ def from_infotext(text: str, name: str, *, lora_dir: Path | None = None, model: 
             lines.append(_dump("emphasis", mode))
         else:
             notes.append(f"emphasis `{fields['Emphasis']}` is not one imagegen knows")
+    hires = parse_hires(fields)
+    if hires is not None:
+        lines.append("hires:")
+        if hires["scale"] is not None:
+            lines.append("  " + _dump("scale", hires["scale"]))
+        else:
+            w, h = hires["size"]
+            lines.append("  " + (_dump("width", w) if w else _dump("height", h)))
+        up = _A1111_HIRES.get(str(hires["upscaler"]))
+        if up is None:
+            up = f"{hires['upscaler']}.pth"
+            notes.append(f"hires upscaler `{hires['upscaler']}`: set `hires.upscaler` to its Real-ESRGAN weight file "
+                         "(or latent / lanczos)")
+        lines.append("  " + _dump("upscaler", up))
+        lines.append("  " + _dump("denoise", hires["denoise"]))
+        if hires["steps"]:
+            lines.append("  " + _dump("steps", hires["steps"]))
+        if hires["scheduler"]:
+            lines.append("  " + _dump("scheduler", hires["scheduler"]))
     if fields.get("TI hashes"):
         notes.append(f"the prompt uses textual-inversion embeddings ({fields['TI hashes']}): add `embeddings:`")
     if lora_dir is not None and not p["loras"] and "<lora:" in text:

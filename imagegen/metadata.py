@@ -124,6 +124,61 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return out
 
 
+# --- the hires pass in the infotext (A1111's keys) ---------------------------------------------
+
+
+def hires_fields(*, given: tuple[str, float | int], width: int, height: int, steps: int, upscaler: str, denoise: float,
+                 scheduler: str, first_scheduler: str) -> dict[str, Any]:
+    """A1111's infotext keys for a hires pass, in A1111's order: `Denoising strength`, `Hires
+    upscale` (a scale) or `Hires resize` (a size), `Hires steps`, `Hires upscaler`, and `Hires
+    sampler` / `Hires schedule type` only when they differ from the first pass's.
+    `upscaler` is the name as A1111 writes it (`Latent`, `Lanczos`, a model's name)."""
+    out: dict[str, Any] = {"Denoising strength": f"{denoise:g}"}
+    if given[0] == "scale":
+        out["Hires upscale"] = f"{given[1]:g}"
+    else:
+        out["Hires resize"] = f"{width}x{height}"
+    out["Hires steps"] = steps
+    out["Hires upscaler"] = upscaler
+    spec, first = lookup_sampler(scheduler), lookup_sampler(first_scheduler)
+    if spec and first:
+        if spec.a1111_sampler != first.a1111_sampler:
+            out["Hires sampler"] = spec.a1111_sampler
+        if spec.schedule_type != first.schedule_type:
+            out["Hires schedule type"] = spec.schedule_type or "Automatic"
+    elif scheduler != first_scheduler:
+        out["Hires sampler"] = scheduler
+    return out
+
+
+def parse_hires(fields: dict[str, Any]) -> dict[str, Any] | None:
+    """The hires pass of parsed infotext (`parse_parameters`), or None when it has none:
+    `scale` or `size` [w, h], `steps` (None: the first pass's), `upscaler` (A1111's name),
+    `denoise`, and `scheduler` (a recipe name; None: the first pass's)."""
+    if "Hires upscale" not in fields and "Hires resize" not in fields:
+        return None
+    out: dict[str, Any] = {"scale": None, "size": None}
+    try:
+        if "Hires upscale" in fields:
+            out["scale"] = float(fields["Hires upscale"])
+        else:
+            w, _, h = str(fields["Hires resize"]).partition("x")
+            out["size"] = [int(w), int(h)]
+        out["steps"] = int(fields["Hires steps"]) if int(fields.get("Hires steps", 0) or 0) > 0 else None
+        out["denoise"] = float(fields.get("Denoising strength", 0.7))
+    except ValueError:
+        return None
+    out["upscaler"] = fields.get("Hires upscaler", "Latent")
+    scheduler = None
+    if "Hires sampler" in fields or "Hires schedule type" in fields:
+        sampler = fields.get("Hires sampler", fields.get("Sampler", ""))
+        schedule = fields.get("Hires schedule type", fields.get("Schedule type", ""))
+        spec = from_infotext(sampler, "" if schedule == "Automatic" else schedule)
+        scheduler = spec.name if spec else sampler
+    out["scheduler"] = scheduler
+    return out
+
+
 # --- PNG text chunks: the one reader and writer ------------------------------------------------
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

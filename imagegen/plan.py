@@ -2,7 +2,8 @@
 
 Order (outermost first), chosen so that what is costly to switch changes least often:
 
-    LoRA set > each LoRA's weight > size > steps > scheduler > guidance > prompt variant > seed
+    LoRA set > each LoRA's weight > size > hires size > hires denoise > steps > scheduler
+    > guidance > prompt variant > seed
 
 Jobs that share everything but prompt and seed are therefore contiguous, and each LoRA
 stack is applied once per run. Each job has a 1-based `index` (what people say: "I pick 42")
@@ -18,9 +19,29 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
-from imagegen.recipe import LoraUse, PromptVariant, Recipe, axis_counts, lora_choices
+from imagegen.recipe import LoraUse, PromptVariant, Recipe, axis_counts, hires_label, hires_size, lora_choices
 
 ID_LENGTH = 12
+
+
+@dataclass(frozen=True)
+class HiresPass:
+    """A job's second pass (A1111's Hires. fix): enlarge the first pass, then img2img at
+    `width`x`height` for `steps` steps at strength `denoise`. `given` is the target as the
+    recipe wrote it (("scale", 1.5) or ("width", 1536)), for the infotext."""
+
+    width: int
+    height: int
+    upscaler: str  # a defaults.HIRES_UPSCALERS name or an absolute weight-file path
+    denoise: float
+    steps: int
+    scheduler: str
+    given: tuple[str, float | int]
+    keep_first: bool = False  # also write the first pass's image (not part of the id: same pixels)
+
+    def content(self) -> dict:
+        return {"size": [int(self.width), int(self.height)], "upscaler": self.upscaler, "denoise": float(self.denoise),
+                "steps": int(self.steps), "scheduler": self.scheduler}
 
 
 @dataclass(frozen=True)
@@ -49,11 +70,13 @@ class Job:
     prompt_syntax: str = "a1111"
     emphasis: str = "original"
     embeddings: tuple[str, ...] = ()  # textual-inversion files the prompt or negative uses
+    hires: HiresPass | None = None  # the second pass, when the recipe has `hires:`
 
     @property
     def group_key(self) -> tuple:
         """Jobs with equal keys render in one batch group (same model state and latents shape)."""
-        return (self.checkpoint, self.vae, self.loras, self.width, self.height, self.steps, self.scheduler, self.guidance, self.clip_skip)
+        return (self.checkpoint, self.vae, self.loras, self.width, self.height, self.steps, self.scheduler, self.guidance,
+                self.clip_skip, self.hires)
 
     def content(self) -> dict:
         """The canonical content its id hashes (and that reproduces its image)."""
@@ -61,7 +84,7 @@ class Job:
             checkpoint=self.checkpoint, vae=self.vae, loras=self.loras, prompt=self.prompt, negative=self.negative,
             seed=self.seed, width=self.width, height=self.height, steps=self.steps, guidance=self.guidance,
             scheduler=self.scheduler, clip_skip=self.clip_skip, prompt_syntax=self.prompt_syntax, emphasis=self.emphasis,
-            embeddings=self.embeddings,
+            embeddings=self.embeddings, hires=self.hires,
         )
 
     def to_dict(self) -> dict:
@@ -72,9 +95,11 @@ class Job:
 
 def canonical_content(*, checkpoint: str, vae: str | None, loras: tuple[LoraUse, ...], prompt: str, negative: str,
                       seed: int, width: int, height: int, steps: int, guidance: float, scheduler: str, clip_skip: int,
-                      prompt_syntax: str = "a1111", emphasis: str = "original", embeddings: tuple[str, ...] = ()) -> dict:
+                      prompt_syntax: str = "a1111", emphasis: str = "original", embeddings: tuple[str, ...] = (),
+                      hires: HiresPass | None = None) -> dict:
     """What a job's id is the hash of (and what reproduces its image). Prompt-syntax keys appear
-    only when they differ from the defaults, so ids of earlier jobs stay as they were."""
+    only when they differ from the defaults, and `hires` only when the job has a second pass, so
+    ids of earlier jobs stay as they were."""
     extra: dict = {}
     if prompt_syntax != "a1111":
         extra["prompt_syntax"] = prompt_syntax
@@ -82,6 +107,8 @@ def canonical_content(*, checkpoint: str, vae: str | None, loras: tuple[LoraUse,
         extra["emphasis"] = emphasis
     if embeddings:
         extra["embeddings"] = list(embeddings)
+    if hires is not None:
+        extra["hires"] = hires.content()
     return {**extra,
         "model": checkpoint,
         "vae": vae,
@@ -144,8 +171,18 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
     """Jobs in plan order (see the module docstring)."""
     index = 0
     labels = prompt_labels(recipe.prompts)
+    hr = recipe.hires
+    targets = hr.targets if hr else (None,)
+    denoises = hr.denoise if hr else (None,)
     for lora_set, stack, lora_labels in lora_choices(recipe):
-        for (w, h), steps, scheduler, guidance in itertools.product(recipe.sizes, recipe.steps, recipe.schedulers, recipe.guidance):
+        for (w, h), target, denoise, steps, scheduler, guidance in itertools.product(
+                recipe.sizes, targets, denoises, recipe.steps, recipe.schedulers, recipe.guidance):
+            hires = None
+            hires_axes: tuple[tuple[str, str], ...] = ()
+            if hr is not None:
+                hw, hh = hires_size(w, h, target)
+                hires = HiresPass(hw, hh, hr.upscaler, denoise, hr.steps or steps, hr.scheduler or scheduler, target, hr.keep_first)
+                hires_axes = (("hires", f"{hires_label(target)} {hw}x{hh}"), ("denoise", f"{denoise:g}"))
             for number, pv in enumerate(recipe.prompts, 1):
                 loras = stack + tuple(LoraUse(p, n, wt) for p, n, wt in pv.loras)  # `<lora:...>` tags
                 for seed in recipe.seeds:
@@ -153,10 +190,9 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
                     content = canonical_content(
                         checkpoint=recipe.checkpoint, vae=recipe.vae, loras=loras, prompt=pv.text, negative=recipe.negative,
                         seed=seed, width=w, height=h, steps=steps, guidance=guidance, scheduler=scheduler, clip_skip=recipe.clip_skip,
-                        prompt_syntax=recipe.prompt_syntax, emphasis=recipe.emphasis, embeddings=pv.embeddings,
+                        prompt_syntax=recipe.prompt_syntax, emphasis=recipe.emphasis, embeddings=pv.embeddings, hires=hires,
                     )
-                    axes = lora_labels + (
-                        ("size", f"{w}x{h}"),
+                    axes = lora_labels + (("size", f"{w}x{h}"),) + hires_axes + (
                         ("steps", str(steps)),
                         ("scheduler", scheduler),
                         ("guidance", f"{guidance:g}"),
@@ -168,8 +204,31 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
                         loras=loras, lora_set=lora_set, prompt=pv.text, negative=recipe.negative, template=pv.template,
                         variant=number, seed=seed, width=w, height=h, steps=steps, guidance=guidance, scheduler=scheduler,
                         clip_skip=recipe.clip_skip, axes=axes, prompt_syntax=recipe.prompt_syntax, emphasis=recipe.emphasis,
-                        embeddings=pv.embeddings,
+                        embeddings=pv.embeddings, hires=hires,
                     )
+
+
+def pixel_summary(jobs: list[Job]) -> str:
+    """What the jobs cost in pixels, per pass: `each job renders 1024x1024 (1.05 MP), then a hires
+    pass at 1536x1536 (2.36 MP); 3.41 MP per job, 3.41 MP in all`."""
+    if not jobs:
+        return "no jobs"
+
+    def mp(n: float) -> str:
+        return f"{n / 1e6:.2f} MP" if n >= 100_000 else f"{round(n):,} px"
+
+    def sizes(pairs: list[tuple[int, int]]) -> str:
+        uniq = list(dict.fromkeys(pairs))
+        shown = ", ".join(f"{w}x{h} ({mp(w * h)})" for w, h in uniq[:4])
+        return shown + (f" and {len(uniq) - 4} more" if len(uniq) > 4 else "")
+
+    first = [(j.width, j.height) for j in jobs]
+    second = [(j.hires.width, j.hires.height) for j in jobs if j.hires]
+    total = sum(w * h for w, h in first) + sum(w * h for w, h in second)
+    text = f"each job renders {sizes(first)}"
+    if second:
+        text += f", then a hires pass at {sizes(second)}"
+    return f"{text}; {mp(total / len(jobs))} per job on average, {mp(total)} in all"
 
 
 def plan(recipe: Recipe) -> list[Job]:

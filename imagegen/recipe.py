@@ -21,7 +21,7 @@ import yaml
 from imagegen import prompts as P
 from imagegen import recipe_prompts
 from imagegen.defaults import (
-    BUILTIN_PREFIX, DEFAULT_FORMAT, FORMATS, MAX_JOBS_LIMIT, MAX_RECIPE_BYTES, MAX_RENDER_SIDE, MAX_SEED, MAX_UPSCALE_SIDE,
+    BUILTIN_PREFIX, DEFAULT_FORMAT, FORMATS, HIRES_UPSCALERS, MAX_HIRES_SCALE, MAX_JOBS_LIMIT, MAX_RECIPE_BYTES, MAX_RENDER_SIDE, MAX_SEED, MAX_UPSCALE_SIDE,
     MAX_YAML_DEPTH, MAX_YAML_VALUES, MIN_RENDER_SIDE, MIN_UPSCALE_SIDE,
 )
 from imagegen.errors import ModelError, RecipeError
@@ -43,6 +43,10 @@ DEFAULTS: dict[str, Any] = {
     "max_jobs": 5000,  # safety cap on the number of jobs one recipe may expand to
     "sample_seed": 0,  # seed for `sample:` prompt-variant draws
     "upscale_format": DEFAULT_FORMAT,  # tiled BigTIFF: no size limit, streams by tile
+    "hires_scale": 2.0,  # A1111's default "Upscale by" when `hires:` gives no scale, width or height
+    "hires_upscaler": "latent",  # A1111's default hires upscaler (bilinear on the latents)
+    "hires_denoise": 0.7,  # A1111's default hires denoising strength
+    "hires_keep_first": False,  # the first pass's image is not written
 }
 
 SCHEMA: dict[str, Any] = {
@@ -66,6 +70,8 @@ SCHEMA: dict[str, Any] = {
     "batch_size": None,
     "output": None,
     "upscale": {"model": None, "scale": None, "width": None, "height": None, "format": None, "tile": None},
+    "hires": {"scale": None, "width": None, "height": None, "upscaler": None, "denoise": None, "steps": None,
+              "scheduler": None, "keep_first": None},
     "max_jobs": None,
     **{k: None for k in recipe_prompts.SCHEMA_KEYS},  # prompt_syntax, emphasis, embeddings, lora_dir
 }
@@ -126,6 +132,41 @@ class UpscaleSettings:
 
 
 @dataclass(frozen=True)
+class HiresSpec:
+    """The recipe's `hires:` section. `targets` and `denoise` are sweep axes; `targets` holds
+    ("scale", 1.5), ("width", 1536) or ("height", 1536) values, as written."""
+
+    targets: tuple[tuple[str, float | int], ...]
+    upscaler: str  # a HIRES_UPSCALERS name or an absolute weight-file path
+    denoise: tuple[float, ...]
+    steps: int | None  # None: the first pass's steps
+    scheduler: str | None  # None: the first pass's scheduler
+    keep_first: bool = False
+
+
+def hires_size(width: int, height: int, target: tuple[str, float | int]) -> tuple[int, int]:
+    """The second pass's size for a first pass of `width`x`height` and a hires target.
+
+    As A1111: `scale` multiplies both sides (`int(side * scale)`), `width` or `height` sets one
+    side and the other follows the aspect ratio (`other * given // side`). Derived sides are
+    then rounded down to a multiple of 8, as A1111's latent upscale does."""
+    kind, value = target
+    if kind == "scale":
+        w, h = int(width * value), int(height * value)
+    elif kind == "width":
+        w, h = int(value), int(value) * height // width
+    else:
+        w, h = int(value) * width // height, int(value)
+    return w // 8 * 8, h // 8 * 8
+
+
+def hires_label(target: tuple[str, float | int]) -> str:
+    """How a hires target is shown in plans and sheets: `x1.5`, `w1536`, `h1536`."""
+    kind, value = target
+    return {"scale": "x", "width": "w", "height": "h"}[kind] + f"{value:g}"
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A recipe that passed validation. Paths are absolute (relative ones resolve against
     the recipe's folder), and sweep axes are tuples with at least one value."""
@@ -151,6 +192,7 @@ class Recipe:
     output: Path
     upscale: UpscaleSettings
     max_jobs: int
+    hires: HiresSpec | None = None
     text: str = field(repr=False, default="")
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # advice `validate` and `plan` print (not problems)
@@ -768,6 +810,105 @@ def _upscale(doc: _Doc, data: dict, base: Path) -> UpscaleSettings:
     return UpscaleSettings(model, float(scale) if scale is not None else None, sides["width"], sides["height"], fmt, tile)
 
 
+def _hires(doc: _Doc, data: dict, base: Path, sizes: tuple, steps: tuple) -> HiresSpec | None:
+    """The `hires:` section: a second, img2img pass at a larger size (A1111's Hires. fix)."""
+    if "hires" not in data:
+        return None
+    raw = data["hires"]
+    p: Path_ = ("hires",)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        doc.problem(p, f"`hires` must be a mapping (scale|width|height, upscaler, denoise, steps, scheduler, keep_first), got {_show(raw)}")
+        return None
+    given = [k for k in ("scale", "width", "height") if k in raw]
+    if len(given) > 1:
+        doc.problem(p + (given[1],), f"give one of `hires.scale`, `hires.width`, `hires.height`, not {' and '.join(given)}", key=True)
+        return None
+    kind = given[0] if given else "scale"
+    section = _Sub(doc, p)
+    target_data = {kind: raw.get(kind, DEFAULTS["hires_scale"])}
+    if kind == "scale":
+        check = _num_in(section, "hires.scale", 1.0, MAX_HIRES_SCALE)  # type: ignore[arg-type]
+    else:
+        def check(value: Any, path: Path_):
+            if not _is_int(value) or value % 8 or not MIN_RENDER_SIDE <= value <= MAX_RENDER_SIDE:
+                section.problem(path, f"`hires.{kind}` must be a multiple of 8 from {MIN_RENDER_SIDE} to {MAX_RENDER_SIDE}, got {_show(value)}")
+                return None
+            return value
+    values = _axis(section, target_data, kind, check, None)  # type: ignore[arg-type]
+    targets = tuple((kind, v) for v in values)
+    for target in targets:
+        for w, h in sizes:
+            hw, hh = hires_size(w, h, target)
+            if not (MIN_RENDER_SIDE <= hw <= MAX_RENDER_SIDE and MIN_RENDER_SIDE <= hh <= MAX_RENDER_SIDE):
+                doc.problem(p + (kind,), f"`hires.{kind}: {target[1]:g}` makes {w}x{h} into {hw}x{hh}; each side must be "
+                                         f"from {MIN_RENDER_SIDE} to {MAX_RENDER_SIDE}")
+    denoise = _axis(section, raw, "denoise", _denoise(section), DEFAULTS["hires_denoise"])  # type: ignore[arg-type]
+    hsteps = raw.get("steps")
+    if hsteps is not None and (not _is_int(hsteps) or not 1 <= hsteps <= 500):
+        doc.problem(p + ("steps",), f"`hires.steps` must be a whole number from 1 to 500, got {_show(hsteps)}")
+        hsteps = None
+    for d in denoise:
+        for n in (hsteps,) if hsteps is not None else steps:
+            if int(n / d) > 10_000:
+                doc.problem(p + ("denoise",), f"`hires.denoise: {d:g}` with {n} steps means a schedule of {int(n / d)} "
+                                              "steps (steps / denoise); raise `denoise` or lower `hires.steps`")
+    scheduler = None
+    if "scheduler" in raw:
+        scheduler = _scheduler(doc)(raw["scheduler"], p + ("scheduler",))
+    keep_first = raw.get("keep_first", DEFAULTS["hires_keep_first"])
+    if not isinstance(keep_first, bool):
+        doc.problem(p + ("keep_first",), f"`hires.keep_first` must be true or false, got {_show(keep_first)}")
+        keep_first = False
+    upscaler = _hires_upscaler(doc, raw.get("upscaler", DEFAULTS["hires_upscaler"]), p + ("upscaler",), base)
+    return HiresSpec(targets, upscaler, denoise, hsteps, scheduler, keep_first)
+
+
+class _Sub:
+    """A `_Doc` view whose paths start under a section (for `_axis` inside `hires:`)."""
+
+    def __init__(self, doc: _Doc, prefix: Path_) -> None:
+        self.doc, self.prefix = doc, prefix
+
+    def problem(self, path: Path_, message: str, *, key: bool = False) -> None:
+        """`_axis` names the bare key (`denoise`); the message names it in full (`hires.denoise`)."""
+        if message.startswith("`") and not message.startswith("`hires."):
+            message = "`hires." + message[1:]
+        self.doc.problem(self.prefix + path, message, key=key)
+
+
+def _denoise(section: _Sub):
+    def check(value: Any, path: Path_):
+        if not _is_num(value) or not 0 < value <= 1:
+            section.problem(path, f"`hires.denoise` must be a number above 0 and at most 1, got {_show(value)}")
+            return None
+        return float(value)
+
+    return check
+
+
+def _hires_upscaler(doc: _Doc, value: Any, path: Path_, base: Path) -> str:
+    """A built-in hires upscaler name, or a Real-ESRGAN weight file whose layout we understand."""
+    if isinstance(value, str) and value in HIRES_UPSCALERS:
+        return value
+    names = ", ".join(HIRES_UPSCALERS)
+    if not _is_path_text(value) or not (Path(value).suffix or value.startswith(BUILTIN_PREFIX)):
+        doc.problem(path, f"`hires.upscaler` must be one of {names} or a Real-ESRGAN weight file (.pth, .safetensors), got {_show(value)}")
+        return DEFAULTS["hires_upscaler"]
+    file = _resolve(base, value)
+    if not file.is_file():
+        doc.missing_file(path, f"hires upscaler file not found: `{file}`")
+        return str(file.resolve())
+    from imagegen.upscale.detect import check_weight_file
+
+    try:
+        check_weight_file(file)
+    except ModelError as exc:
+        doc.problem(path, f"`hires.upscaler`: {exc.message}")
+    return str(file.resolve())
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
@@ -929,6 +1070,7 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         output_raw = None
     output = _resolve(base, output_raw).resolve() if output_raw else Path("runs") / (name or "run")
     upscale = _upscale(doc, data, base)
+    hires = _hires(doc, data, base, sizes, steps)
     if doc.problems:
         raise RecipeError(doc.problems)
     recipe = Recipe(
@@ -953,6 +1095,7 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         output=output,
         upscale=upscale,
         max_jobs=max_jobs,
+        hires=hires,
         text=text,
         warnings=tuple(doc.missing),
         notes=tuple(doc.notes),
@@ -1042,6 +1185,10 @@ def axis_counts(recipe: Recipe) -> list[tuple[str, int]]:
     counts += [(f"weights of LoRA {s.name}", len(s.weights)) for s in recipe.loras]
     counts += [
         ("sizes", len(recipe.sizes)),
+    ]
+    if recipe.hires is not None:
+        counts += [("hires sizes", len(recipe.hires.targets)), ("hires denoise values", len(recipe.hires.denoise))]
+    counts += [
         ("step counts", len(recipe.steps)),
         ("schedulers", len(recipe.schedulers)),
         ("guidance values", len(recipe.guidance)),

@@ -52,7 +52,7 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
     import numpy as np
     from PIL import Image
 
-    from imagegen.engine import GenRequest
+    from imagegen.engine import GenRequest, HiresRequest
     from imagegen.engine import open_engine as default_open
 
     path = Path(path)
@@ -72,8 +72,12 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
         where = _source_render(path, source)
         raise InputError(f"{path}: an upscaled image; reproduce its source render instead "
                          f"({source or 'the image in images/'}): imagegen reproduce {where}")
+    if prov.get("first_pass"):
+        raise InputError(f"{path}: the first pass of a hires image; reproduce the final image in images/ instead")
     c = prov["content"]
-    for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"]), *c.get("embeddings", [])]:
+    hires = HiresRequest.from_content(c["hires"]) if c.get("hires") else None
+    upscaler = hires.upscaler if hires and Path(hires.upscaler).is_absolute() else None
+    for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"]), *c.get("embeddings", []), upscaler]:
         if ref and not ref.startswith("builtin:") and not Path(ref).exists():
             raise InputError(f"{path}: the image was rendered with `{ref}`, which is no longer there")
     engine = (open_engine or default_open)(c["model"], family=prov.get("family") or "auto", vae=c.get("vae"),
@@ -83,7 +87,8 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
         engine.set_embeddings(c["embeddings"])
     w, h = c["size"]
     request = GenRequest(c["prompt"], c["negative"], c["seed"], w, h, c["steps"], c["guidance"], c["scheduler"],
-                         c["clip_skip"], c.get("prompt_syntax", "a1111"), c.get("emphasis", "original"))
+                         c["clip_skip"], c.get("prompt_syntax", "a1111"), c.get("emphasis", "original"),
+                         hires=hires)
     [result] = engine.generate([request])
     if result.image is None:
         raise InputError(f"{path}: the new render failed: {result.error}")

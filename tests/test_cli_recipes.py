@@ -40,7 +40,8 @@ def test_plan_table_and_json(capsys):
 def test_plan_warns_about_missing_user_files(capsys):
     code, out, err = run(["plan", ROOT / "recipes" / "sdxl-packshot.yaml", "--limit", "0"], capsys)
     assert code == 0 and "1000" in out
-    assert err.count("not found") == 4
+    assert err.count("not found") == 5  # checkpoint, two LoRAs, the upscaler twice (upscale: and hires:)
+    assert "then a hires pass at 1536x1536 (2.36 MP)" in out
 
 
 def test_usage_errors_exit_2(capsys):

@@ -45,10 +45,10 @@ def test_shipped_recipes_validate_and_plan():
     packshot = ROOT / "recipes" / "sdxl-packshot.yaml"
     r = load_recipe(packshot, check_files=False)
     assert count_jobs(r) == 1000 and len(plan(r)) == 1000
-    assert len(r.warnings) == 4  # checkpoint, two LoRAs, upscaler: the user's own files
+    assert len(r.warnings) == 5  # checkpoint, two LoRAs, upscaler (for upscale: and hires:): the user's own files
     missing = problems(packshot)
-    assert len(missing) == 4 and all("not found" in m for m in missing)
-    assert missing[0].startswith(f"{packshot}:8:15: checkpoint file not found")
+    assert len(missing) == 5 and all("not found" in m for m in missing)
+    assert missing[0].startswith(f"{packshot}:9:15: checkpoint file not found")
 
 
 @pytest.mark.parametrize(

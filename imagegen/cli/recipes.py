@@ -45,7 +45,7 @@ def plan_cmd(
     allow_download: bool = typer.Option(False, "--allow-download", help="Accept hub ids as checkpoints."),
 ) -> None:
     """Show what a recipe expands to: axes, counts, total and the first jobs."""
-    from imagegen.plan import plan
+    from imagegen.plan import pixel_summary, plan
     from imagegen.recipe import axis_counts, load_recipe
 
     recipe = load_recipe(recipe_path, allow_download=allow_download, check_files=False)
@@ -73,13 +73,17 @@ def plan_cmd(
         axes.add_row(Text(label), str(n))
     axes.add_row("[bold]total jobs[/bold]", f"[bold]{len(jobs)}[/bold]")
     console.print(axes)
+    console.print(f"Pixels: {pixel_summary(jobs)}")
     if limit:
         table = Table(title=f"First {min(limit, len(jobs))} of {len(jobs)} jobs", title_justify="left")
-        for col in ("#", "id", "seed", "size", "steps", "cfg", "scheduler", "loras", "prompt"):
+        hires = any(j.hires for j in jobs)
+        cols = ("#", "id", "seed", "size", *(("hires", "denoise") if hires else ()), "steps", "cfg", "scheduler", "loras", "prompt")
+        for col in cols:
             table.add_column(col, overflow="fold" if col == "prompt" else "ellipsis", no_wrap=col != "prompt")
         for j in jobs[:limit]:
             loras = ", ".join(f"{lu.name}:{lu.weight:g}" for lu in j.loras) or "-"
-            table.add_row(str(j.index), j.id, str(j.seed), f"{j.width}x{j.height}", str(j.steps), f"{j.guidance:g}", j.scheduler,
+            hr = (f"{j.hires.width}x{j.hires.height}", f"{j.hires.denoise:g}") if j.hires else (("-", "-") if hires else ())
+            table.add_row(str(j.index), j.id, str(j.seed), f"{j.width}x{j.height}", *hr, str(j.steps), f"{j.guidance:g}", j.scheduler,
                           Text(loras), Text(j.prompt))
         console.print(table)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from .builtin import BUILTIN_MODELS
 from ..modelfiles import check_lora, detect_family
 from .engine import Engine, EngineOOM, GenRequest, GenResult
+from .hires import HiresRequest
 from .loading import open_engine
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "EngineOOM",
     "GenRequest",
     "GenResult",
+    "HiresRequest",
     "check_lora",
     "detect_family",
     "open_engine",

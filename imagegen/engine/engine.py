@@ -16,6 +16,7 @@ from ..errors import ImagegenError, InputError, ModelError
 from .. import samplers
 from ..defaults import MAX_SEED
 from ..models import FAMILIES
+from .hires import HiresRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -48,17 +49,20 @@ class GenRequest:
     clip_skip: int | None = None
     prompt_syntax: str = "a1111"  # "a1111": weights, BREAK, 75-token chunks; "plain": text as written (<= 75 tokens)
     emphasis: str = "original"  # A1111 emphasis: "original" | "no-norm" | "ignore" (see engine/text.py)
+    hires: HiresRequest | None = None  # a second pass at a larger size (engine/hires.py)
 
 
 @dataclass
 class GenResult:
-    """The image (PIL RGB), or None with `error` saying why (e.g. "NaN in output")."""
+    """The image (PIL RGB), or None with `error` saying why (e.g. "NaN in output"). `first` is
+    the first pass's image of a hires request with `keep_first`."""
 
     image: "PIL.Image.Image | None"
     error: str | None = None
+    first: "PIL.Image.Image | None" = None
 
 
-_SHARED = ("width", "height", "steps", "guidance", "scheduler", "clip_skip")
+_SHARED = ("width", "height", "steps", "guidance", "scheduler", "clip_skip", "hires")
 
 
 def diffusers_clip_skip(a1111_clip_skip: int | None) -> int | None:
@@ -103,6 +107,29 @@ class Engine:
         self._backup: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._prompt_cache: dict[tuple, tuple] = {}
         self._text_state = None  # textual-inversion embeddings (engine/text.py TextState)
+        self._img2img: Any = None  # the img2img pipeline over the same components (hires pass)
+        self._hires_upscalers: dict[str, Any] = {}  # Real-ESRGAN weight file -> loaded Upscaler
+
+    # -- the hires pass's pipelines ------------------------------------------------------------
+
+    def img2img_pipeline(self) -> Any:
+        """The family's img2img pipeline built once over this engine's loaded components
+        (`from_pipe`: the same UNet, VAE and text encoders, with their fused LoRAs)."""
+        if self._img2img is None:
+            import diffusers
+
+            self._img2img = getattr(diffusers, self.spec.img2img_class).from_pipe(self.pipeline)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    def hires_upscaler(self, path: str) -> Any:
+        """The Real-ESRGAN network of `path`, loaded once on this engine's device."""
+        up = self._hires_upscalers.get(path)
+        if up is None:
+            from ..upscale.model import load_upscaler
+
+            up = self._hires_upscalers[path] = load_upscaler(path, device=self.device)
+        return up
 
     # -- schedulers --------------------------------------------------------------------------
 
@@ -263,6 +290,11 @@ class Engine:
                 raise InputError(f"`prompt_syntax` must be one of {', '.join(PROMPT_SYNTAXES)} and `emphasis` one of "
                                  f"{', '.join(EMPHASES)}; got {r.prompt_syntax!r}, {r.emphasis!r}")
         scheduler_spec(first.scheduler)
+        if first.hires is not None:
+            from .hires import check_hires
+
+            check_hires(first.hires)
+            scheduler_spec(first.hires.scheduler)
         return first
 
     def _encode(self, prompt: str, negative: str, cfg: bool, clip_skip: int | None, syntax: str = "a1111",
@@ -320,12 +352,18 @@ class Engine:
         generator=torch.Generator("cpu").manual_seed(seed))` with the same scheduler.
         Each distinct (prompt, negative) pair is encoded once.
 
+        With `hires`, the first pass is enlarged and rendered again by img2img (engine/hires.py);
+        each image's generator continues into the second pass, so the plain diffusers equivalent
+        passes the same generator object to the txt2img call and then to the img2img call.
+
         Raises InputError for mixed batch settings or bad values, EngineOOM when the device runs
         out of memory. An image with NaN values comes back with `error` set, not as an exception.
         """
         import numpy as np
         import torch
         from PIL import Image
+
+        from . import hires
 
         # 1. Check inputs: one size / steps / guidance / scheduler per batch.
         first = self._check(requests)
@@ -371,26 +409,29 @@ class Engine:
                     num_inference_steps=first.steps,
                     guidance_scale=first.guidance,
                     generator=generators,
-                    output_type="np",
+                    output_type=hires.first_output_type(first.hires) if first.hires else "np",
                     **kwargs,
                 )
+                images, firsts = out.images, None
+                if first.hires is not None:  # 6. The hires pass, on the same generators.
+                    images, firsts = hires.second_pass(self, first.hires, out.images, requests, generators, kwargs,
+                                                       first.guidance)
         except torch.OutOfMemoryError as e:
             vae = getattr(pipe, "vae", None)
             if vae is not None and vae.dtype != pipe.unet.dtype:  # OOM inside SDXL's fp32 VAE upcast
                 vae.to(dtype=pipe.unet.dtype)
             _free_device_memory()
-            raise EngineOOM(
-                f"out of memory on {self.device} rendering {len(requests)} images at "
-                f"{first.width}x{first.height}: {_one_line(e)}"
-            ) from None
+            size = f"{first.width}x{first.height}" + (f" then {first.hires.width}x{first.hires.height}" if first.hires else "")
+            raise EngineOOM(f"out of memory on {self.device} rendering {len(requests)} images at {size}: {_one_line(e)}") from None
 
-        # 6. NaN check and 8-bit RGB, rounded as diffusers rounds its PIL output.
+        # 7. NaN check and 8-bit RGB, rounded as diffusers rounds its PIL output.
         results = []
-        for arr in out.images:
+        for i, arr in enumerate(images):
             if not np.isfinite(arr).all():
                 results.append(GenResult(None, "NaN in output"))
                 continue
-            results.append(GenResult(Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB")))
+            kept = Image.fromarray(firsts[i]) if firsts is not None else None
+            results.append(GenResult(Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB"), first=kept))
         return results
 
 

@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagegen.fsutil import remove_temp_files
 from imagegen.metadata import read_provenance
 from imagegen.picks import remap_picks
 from imagegen.plan import Job, plan
 from imagegen.recipe import Recipe
+from imagegen.render.writer import FIRST_FOLDER
 from imagegen.store import RunStore
 
 
@@ -53,6 +55,22 @@ def verify_image(path: Path, job_id: str) -> bool:
         return False
 
 
+def follow_first_passes(folder: Path, index_of: dict[str, int]) -> int:
+    """Rename kept hires first passes (`first/`) whose job index moved with a recipe edit, as
+    the store renames the final images; returns how many were renamed."""
+    import os
+
+    from imagegen.store import IMAGE_NAME, image_name
+
+    renamed = 0
+    for p in sorted(folder.glob("*.png")) if folder.is_dir() else ():
+        m = IMAGE_NAME.match(p.name)
+        if m and m.group(2) in index_of and int(m.group(1)) != index_of[m.group(2)]:
+            os.replace(p, folder / image_name(index_of[m.group(2)], m.group(2)))
+            renamed += 1
+    return renamed
+
+
 def prepare_run(recipe: Recipe, store: RunStore, *, retry_failed: bool = False, limit: int | None = None) -> PreparedRun:
     """Plan the recipe and bring the run folder in line with it (recipe copy, manifest, files
     a crash left, picks whose indices moved). Raises DiskFullError when the manifest cannot
@@ -64,6 +82,8 @@ def prepare_run(recipe: Recipe, store: RunStore, *, retry_failed: bool = False, 
     old_ids = {r.index: r.id for r in store.rows()}
     sync = store.sync_plan([j.to_dict() for j in jobs])
     rec = store.reconcile(verify=verify_image)
+    rec.temp_removed += remove_temp_files(store.folder / FIRST_FOLDER)
+    follow_first_passes(store.folder / FIRST_FOLDER, {j.id: j.index for j in jobs})
     picks_moved, picks_orphaned = remap_picks(store, old_ids)
     for _, image_path, thumb_path in rec.missing_thumbs:
         remake_thumbnail(image_path, thumb_path)

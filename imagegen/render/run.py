@@ -217,10 +217,12 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
     """Generate one batch and queue its images for writing; returns how many were queued. None
     when nothing was generated (out of memory: halved and queued again, or failed at batch
     size 1; or the batch raised)."""
-    from imagegen.engine import EngineOOM, GenRequest
+    from imagegen.engine import EngineOOM, GenRequest, HiresRequest
 
+    hr = batch[0].hires  # one group key: every job of the batch has the same second pass
+    hires = HiresRequest.from_content(hr.content(), keep_first=hr.keep_first) if hr else None
     requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip,
-                           j.prompt_syntax, j.emphasis) for j in batch]
+                           j.prompt_syntax, j.emphasis, hires=hires) for j in batch]
     t0 = time.monotonic()
     try:
         results = engine.generate(requests)
@@ -244,11 +246,14 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
         if result.error or result.image is None:
             fail(job, result.error or "no image returned", per_image)
             continue
-        if job.scheduler not in scheduler_configs:
-            scheduler_configs[job.scheduler] = engine.scheduler_config(job.scheduler)
+        for name in (job.scheduler, *((job.hires.scheduler,) if job.hires else ())):
+            if name not in scheduler_configs:
+                scheduler_configs[name] = engine.scheduler_config(name)
         params = job_parameters(job, hashes, engine.model_name)
-        prov = job_provenance(job, recipe, hashes, engine, per_image, scheduler_configs[job.scheduler])
-        writer.submit(job, result.image, params, prov, per_image)
+        prov = job_provenance(job, recipe, hashes, engine, per_image, scheduler_configs[job.scheduler],
+                              scheduler_configs[job.hires.scheduler] if job.hires else None)
+        first = (result.first, job_parameters(job, hashes, engine.model_name, first_pass=True)) if result.first is not None else None
+        writer.submit(job, result.image, params, prov, per_image, first=first)
         submitted += 1
     return submitted
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 from imagegen import __version__
 from imagegen.errors import DiskFullError, ImagegenError, is_disk_full
-from imagegen.metadata import addnet_hash, format_parameters, png_text_chunks, sha256_file
+from imagegen.metadata import addnet_hash, format_parameters, hires_fields, png_text_chunks, sha256_file
 from imagegen.plan import Job
 from imagegen.recipe import Recipe
 from imagegen.fsutil import write_bytes_atomic
@@ -44,10 +44,40 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+FIRST_FOLDER = "first"  # run-folder subfolder of the first-pass images that `hires.keep_first` keeps
+
+
+def hires_upscaler_name(upscaler: str) -> str:
+    """A hires upscaler as A1111's infotext names it (`Latent`, `Lanczos`, a weight file's stem)."""
+    from imagegen.defaults import HIRES_UPSCALERS
+
+    entry = HIRES_UPSCALERS.get(upscaler)
+    return entry[0] if entry else Path(upscaler).stem
+
+
+def hires_provenance(job: Job, hashes: dict[str, str | None], scheduler_config: dict | None) -> list[dict]:
+    """Both passes of a hires job, as the JSON records them."""
+    hr = job.hires
+    assert hr is not None
+    n = max(hr.steps, int(hr.steps / hr.denoise))  # as engine/hires.py img2img_schedule (torch-free here)
+    return [
+        {"pass": "txt2img", "size": [job.width, job.height], "steps": job.steps, "scheduler": job.scheduler},
+        {"pass": "hires", "size": [hr.width, hr.height], "given": list(hr.given), "upscaler": hr.upscaler,
+         "upscaler_name": hires_upscaler_name(hr.upscaler), "upscaler_sha256": hashes.get(hr.upscaler),
+         "denoise": hr.denoise, "steps": hr.steps, "schedule_steps": n, "scheduler": hr.scheduler,
+         "strength": min(1.0, (hr.steps + 0.5) / n),  # diffusers' img2img: num_inference_steps=schedule_steps
+         "scheduler_config": scheduler_config},
+    ]
+
+
 def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None], engine: Any, seconds: float,
-                   scheduler_config: dict | None = None) -> dict:
+                   scheduler_config: dict | None = None, hires_scheduler_config: dict | None = None) -> dict:
     """The `imagegen` JSON stored in each PNG: enough to reproduce and audit the image."""
-    return {
+    extra: dict[str, Any] = {}
+    if job.hires is not None:
+        cfg = hires_scheduler_config if hires_scheduler_config is not None else engine.scheduler_config(job.hires.scheduler)
+        extra["passes"] = hires_provenance(job, hashes, cfg)
+    return {**extra,
         "imagegen": __version__,
         "recipe": {"name": recipe.name, "sha256": recipe.sha256, "path": str(recipe.path), "text": recipe.text} if recipe else None,
         "index": job.index,
@@ -84,13 +114,19 @@ def a1111_extra_fields(job: Job, hashes: dict[str, str | None]) -> dict[str, str
     return extra
 
 
-def job_parameters(job: Job, hashes: dict[str, str | None], model_name: str) -> str:
-    """The A1111 `parameters` text for a job."""
+def job_parameters(job: Job, hashes: dict[str, str | None], model_name: str, *, first_pass: bool = False) -> str:
+    """The A1111 `parameters` text for a job (of its first pass alone with `first_pass`)."""
+    hr = job.hires
+    extra = a1111_extra_fields(job, hashes)
+    if hr is not None and not first_pass:
+        extra |= hires_fields(given=hr.given, width=hr.width, height=hr.height, steps=hr.steps,
+                             upscaler=hires_upscaler_name(hr.upscaler), denoise=hr.denoise, scheduler=hr.scheduler,
+                             first_scheduler=job.scheduler)
     return format_parameters(
         prompt=job.prompt, negative=job.negative, steps=job.steps, scheduler=job.scheduler, guidance=job.guidance, seed=job.seed,
         width=job.width, height=job.height, model_name=model_name, model_hash=hashes.get(job.checkpoint),
         loras=[(lu.name, lu.weight, hashes.get(ADDNET + lu.path)) for lu in job.loras], clip_skip=job.clip_skip,
-        version=f"imagegen {__version__}", extra=a1111_extra_fields(job, hashes),
+        version=f"imagegen {__version__}", extra=extra,
     )
 
 
@@ -100,10 +136,18 @@ def encode_png(image: Any, parameters: str, provenance: dict) -> bytes:
     return buf.getvalue()
 
 
-def _write_job(store: RunStore, job: Job, image: Any, parameters: str, provenance: dict) -> tuple[Path, str, Path]:
-    """Writer thread: PNG with metadata and its thumbnail, both atomic. Returns (png, sha256, thumb)."""
+def _write_job(store: RunStore, job: Job, image: Any, parameters: str, provenance: dict,
+               first: tuple[Any, str] | None = None) -> tuple[Path, str, Path]:
+    """Writer thread: PNG with metadata and its thumbnail, both atomic. Returns (png, sha256, thumb).
+
+    `first` (image, parameters) is a hires job's first pass, written before the final image to
+    `first/` under the same name (so a final image on disk always has its first pass)."""
     from imagegen.thumbs import make_thumbnail, save_thumbnail_atomic
 
+    if first is not None:
+        folder = store.folder / FIRST_FOLDER
+        folder.mkdir(exist_ok=True)
+        write_bytes_atomic(folder / image_name(job.index, job.id), encode_png(first[0], first[1], {**provenance, "first_pass": True}))
     data = encode_png(image, parameters, provenance)
     path = store.images / image_name(job.index, job.id)
     write_bytes_atomic(path, data)
@@ -120,7 +164,8 @@ def file_hashes(jobs: Iterable[Job]) -> dict[str, str | None]:
     `ADDNET + path` each LoRA's AddNet hash."""
     out: dict[str, str | None] = {}
     for job in jobs:
-        for ref in (job.checkpoint, job.vae, *(lu.path for lu in job.loras), *job.embeddings):
+        upscaler = job.hires.upscaler if job.hires and os.path.isabs(job.hires.upscaler) else None
+        for ref in (job.checkpoint, job.vae, *(lu.path for lu in job.loras), *job.embeddings, upscaler):
             if ref and ref not in out:
                 out[ref] = sha256_file(ref) if Path(ref).exists() else None
         for lu in job.loras:
@@ -144,8 +189,10 @@ class ImageWriter:
         self._pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imagegen-writer")
         self._inflight: deque[tuple[Job, float, cf.Future]] = deque()
 
-    def submit(self, job: Job, image: Any, parameters: str, provenance: dict, seconds: float) -> None:
-        self._inflight.append((job, seconds, self._pool.submit(_write_job, self.store, job, image, parameters, provenance)))
+    def submit(self, job: Job, image: Any, parameters: str, provenance: dict, seconds: float,
+               first: tuple[Any, str] | None = None) -> None:
+        """Queue an image (and a hires job's first pass: (image, parameters)) for writing."""
+        self._inflight.append((job, seconds, self._pool.submit(_write_job, self.store, job, image, parameters, provenance, first)))
 
     def harvest(self, block: bool, backlog: int = 0) -> None:
         """Record finished writes in order; with `block`, wait for all. Also waits while more than

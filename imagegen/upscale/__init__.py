@@ -11,18 +11,27 @@ Architectures are records, one folder each under `archs/`, listed in `registry.p
 
 from __future__ import annotations
 
+from imagegen.defaults import FORMATS
 from imagegen.upscale.archspec import ArchSpec
 from imagegen.upscale.detect import LAYOUTS
-from imagegen.upscale.meta import allow_huge_images, read_metadata
-from imagegen.upscale.model import Upscaler, load_upscaler
-from imagegen.upscale.pipeline import upscale_image
-from imagegen.upscale.plan import PlanStep, UpscalePlan, plan_passes
-from imagegen.defaults import FORMATS
-
 from imagegen.upscale.registry import ARCHITECTURES as _REGISTRY
 
 # Network name -> the official models it reproduces (the records are in `registry.py`).
 ARCHITECTURES = {arch.name: arch.models for arch in _REGISTRY}
+
+# Names whose modules need numpy or Pillow load on first use, so that recipe validation can
+# read a weight file's header (`detect.check_weight_file`) without them.
+_LAZY = {"allow_huge_images": "meta", "read_metadata": "meta", "Upscaler": "model", "load_upscaler": "model",
+         "upscale_image": "pipeline", "PlanStep": "plan", "UpscalePlan": "plan", "plan_passes": "plan"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"imagegen.upscale.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'imagegen.upscale' has no attribute {name!r}")
+
 
 __all__ = [
     "ARCHITECTURES",
