@@ -64,6 +64,7 @@ def render(
     on_progress: Callable[[int, int], None] | None = None,
     on_event: Callable[[Event], None] | None = None,
     should_stop: Callable[[], str | None] | None = None,
+    adopt: bool = False,
 ) -> RenderSummary:
     """Render the recipe's pending jobs into its run folder (`output`, default `recipe.output`),
     resuming what an earlier run left, then write the contact sheets (unless `sheets=False`).
@@ -73,7 +74,8 @@ def render(
     `should_stop()` returning a reason stops after the current batch (the images already
     generated are still written). Raises RunLockedError when another process renders into the
     folder (unless `wait`), InputError / ModelError for unusable settings or model files,
-    DiskFullError when the disk fills (finished images are kept)."""
+    DiskFullError when the disk fills (finished images are kept). A folder that is not empty and
+    not a run, or a run of another recipe name (unless `adopt`), is refused with InputError."""
     from imagegen.render import RenderOptions, render_recipe
     from imagegen.sheets import write_run_sheets
     from imagegen.store import RunStore
@@ -92,7 +94,7 @@ def render(
             on_event(event)
 
     options = RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed, batch_size=batch_size)
-    with RunStore.open(folder, wait=wait) as store:
+    with RunStore.open(folder, wait=wait, recipe_name=recipe.name, adopt=adopt) as store:
         summary = render_recipe(recipe, store, options=options, on_event=events,
                                 should_stop=should_stop or (lambda: None))
         if sheets:

@@ -133,6 +133,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda handle: handle.write(data))
 
 
+def is_our_temp(name: str) -> bool:
+    """True for a name `temp_path` makes (`.tmp-<name>.<pid>.<6 hex>`)."""
+    return name.startswith(TMP_PREFIX) and _OUR_TEMP.fullmatch(name) is not None
+
+
 def remove_temp_files(folder: Path, name: str | None = None) -> int:
     """Delete our half-written temporary files in `folder` (only those for `name`, if given);
     returns how many were removed."""

@@ -26,6 +26,10 @@ MAX_NOTE = 200  # characters of a pick note (`42  # note`); longer notes are cut
 PICKS_HEADER = "imagegen picks: one job index per line (ranges like 12-15 and # comments allowed)"
 
 _TOKEN = re.compile(r"^(\d+)(?:-(\d+))?$")
+# A pick whose job left the recipe stays in picks.txt as this comment, and comes back as a
+# pick when the job is planned again (same job id).
+_ORPHAN = re.compile(r"^#\s*orphaned pick (\d+) \(job ([0-9a-f]{12})[^)]*\)(?::\s*(.*))?$")
+Orphans = Mapping[str, tuple[int, str]]  # job id -> (index it had, note)
 
 
 def _parse_token(token: str, ids: Mapping[str, int] | None) -> range:
@@ -131,19 +135,37 @@ def read_pick_notes(path: Path) -> dict[int, str]:
     return notes
 
 
-def format_picks(indices: Iterable[int], *, header: str | None = None, notes: Mapping[int, str] | None = None) -> str:
-    """The text of a picks file: `# header` lines, then one index per line, sorted and unique,
-    each with its note (`42  # best light`) when `notes` has one."""
+def read_orphans(path: Path) -> dict[str, tuple[int, str]]:
+    """The `# orphaned pick 12 (job <id> ...)` comments of a picks file: job id -> (index, note)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    out: dict[str, tuple[int, str]] = {}
+    for line in text.splitlines():
+        m = _ORPHAN.match(line.strip())
+        if m:
+            out[m.group(2)] = (int(m.group(1)), (m.group(3) or "").strip())
+    return out
+
+
+def format_picks(indices: Iterable[int], *, header: str | None = None, notes: Mapping[int, str] | None = None,
+                 orphans: Orphans | None = None) -> str:
+    """The text of a picks file: `# header` lines, the orphaned picks as comments, then one
+    index per line, sorted and unique, each with its note (`42  # best light`) when `notes` has one."""
     lines = []
     if header:
         lines += [f"# {h}".rstrip() if not h.startswith("#") else h for h in header.splitlines()]
+    for job_id, (index, note) in sorted((orphans or {}).items(), key=lambda kv: kv[1][0]):
+        lines.append(f"# orphaned pick {index} (job {job_id}; no longer in the recipe, comes back if it is again)"
+                     + (f": {note}" if note else ""))
     notes = notes or {}
     lines += [f"{index}  # {notes[index]}" if notes.get(index) else str(index) for index in sorted(set(indices))]
     return "\n".join(lines) + "\n" if lines else ""
 
 
 def write_picks(path: Path, indices: Iterable[int], *, header: str | None = None,
-                notes: Mapping[int, str] | None = None) -> None:
+                notes: Mapping[int, str] | None = None, orphans: Orphans | None = None) -> None:
     """Write `indices` (sorted, unique, one per line, with their `notes`) to `path` atomically,
     after `header` comments.
 
@@ -152,7 +174,7 @@ def write_picks(path: Path, indices: Iterable[int], *, header: str | None = None
     indices = sorted(set(indices))
     if indices and indices[0] < 0:
         raise ValueError(f"job indices are never negative, got {indices[0]}")
-    write_bytes_atomic(Path(path), format_picks(indices, header=header, notes=notes).encode("utf-8"))
+    write_bytes_atomic(Path(path), format_picks(indices, header=header, notes=notes, orphans=orphans).encode("utf-8"))
 
 
 # --- a run's picks ----------------------------------------------------------------------------
@@ -213,7 +235,8 @@ def _update_picks(store: RunStore, args: Sequence[str], from_file: Path | None, 
     kept_notes = {**read_pick_notes(store.picks_file), **(read_pick_notes(from_file) if from_file is not None else {})}
     for index, note in (notes or {}).items():
         kept_notes[index] = clean_note(note)
-    write_picks(store.picks_file, sorted(new), header=PICKS_HEADER, notes=kept_notes)
+    orphans = {} if clear else read_orphans(store.picks_file)
+    write_picks(store.picks_file, sorted(new), header=PICKS_HEADER, notes=kept_notes, orphans=orphans)
     store.set_picks(sorted(new))
     return sorted(new)
 
@@ -234,9 +257,11 @@ def list_picks(store: RunStore) -> list[tuple[int, str, Path | None]]:
 def remap_picks(store: RunStore, old_ids: dict[int, str]) -> tuple[int, list[str]]:
     """After a recipe edit moved job indices: make picks.txt name the same jobs again.
 
-    `old_ids` maps the indices picks.txt was written against to job ids. Picks of jobs no
-    longer in the recipe are dropped from the list and kept as comments. Returns (picks moved,
-    orphaned picks). A picks.txt with errors is left alone (the next `pick` reports them)."""
+    `old_ids` maps the indices picks.txt was written against to job ids. A pick whose job is no
+    longer in the recipe is never dropped: it stays in picks.txt as an `# orphaned pick` comment
+    (with its note) and becomes a pick again when that job is planned again. Returns (picks
+    moved or restored, newly orphaned picks). A picks.txt with errors is left alone (the next
+    `pick` reports them)."""
     with picks_lock(store):
         return _remap_picks(store, old_ids)
 
@@ -246,24 +271,34 @@ def _remap_picks(store: RunStore, old_ids: dict[int, str]) -> tuple[int, list[st
         picks = read_picks(store.picks_file)
     except InputError:
         return 0, []
-    if not picks:
+    orphans = read_orphans(store.picks_file)
+    if not picks and not orphans:
         return 0, []
     new_index = {r.id: r.index for r in store.rows()}
+    old_notes = read_pick_notes(store.picks_file)
     kept: list[int] = []
+    notes: dict[int, str] = {}
     orphaned: list[str] = []
+    moved = 0
     for i in picks:
         job_id = old_ids.get(i)
-        if job_id is None:
-            kept.append(i)
-        elif job_id in new_index:
-            kept.append(new_index[job_id])
+        if job_id is None or job_id in new_index:
+            target = i if job_id is None else new_index[job_id]
+            moved += target != i
+            kept.append(target)
+            if i in old_notes:
+                notes[target] = old_notes[i]
         else:
             orphaned.append(f"{i} (job {job_id})")
-    moved = sum(1 for i in picks if old_ids.get(i) in new_index and new_index[old_ids[i]] != i)
+            orphans = {**orphans, job_id: (i, old_notes.get(i, ""))}
+    for job_id, (i, note) in list(orphans.items()):
+        if job_id in new_index:  # planned again: a pick again
+            orphans = {k: v for k, v in orphans.items() if k != job_id}
+            kept.append(new_index[job_id])
+            if note:
+                notes[new_index[job_id]] = note
+            moved += 1
     if moved or orphaned:
-        dropped = [f"dropped pick {o}: no longer in the recipe" for o in orphaned]
-        notes = {new_index[old_ids[i]] if old_ids.get(i) in new_index else i: note
-                 for i, note in read_pick_notes(store.picks_file).items()}
-        write_picks(store.picks_file, kept, header="\n".join([PICKS_HEADER, *dropped]), notes=notes)
+        write_picks(store.picks_file, kept, header=PICKS_HEADER, notes=notes, orphans=orphans)
         store.set_picks(sorted(set(kept)))
     return moved, orphaned

@@ -36,6 +36,7 @@ from imagegen.fsutil import fsync_dir, remove_temp_files, write_bytes_atomic
 
 IMAGE_NAME = re.compile(r"^(\d+)-([0-9a-f]{12})\.png$")
 MANIFEST = "manifest.sqlite"
+SUBFOLDERS = ("images", "thumbs", "sheets", "upscaled", "recipe-history")  # imagegen writes (and deletes temp files) in these
 
 # Add-only, numbered schema migrations; each runs once, in order, recorded in `_migrations`.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -149,6 +150,59 @@ def png_problem(path: Path, width: int | None = None, height: int | None = None)
     return None
 
 
+def _never_a_run_folder(folder: Path) -> str | None:
+    """Why `folder` can never be a run folder (a filesystem root, the home folder itself)."""
+    try:
+        real = folder.resolve()
+    except (OSError, RuntimeError):
+        return None
+    if real == Path(real.anchor):
+        return "is a filesystem root"
+    try:
+        if real == Path.home().resolve():
+            return "is your home folder"
+    except (OSError, RuntimeError, KeyError):
+        pass
+    return None
+
+
+def _only_our_leftovers(folder: Path) -> bool:
+    """True when `folder` holds nothing but what a start that died before its manifest
+    leaves: the lock, our temp files, empty sub-folders of ours."""
+    from imagegen.fsutil import is_our_temp
+
+    for entry in folder.iterdir():
+        if entry.name == ".lock" or is_our_temp(entry.name):
+            continue
+        if entry.name in SUBFOLDERS and entry.is_dir() and not entry.is_symlink() \
+                and all(is_our_temp(e.name) for e in entry.iterdir()):
+            continue
+        return False
+    return True
+
+
+def check_run_folder(folder: Path, *, create: bool) -> None:
+    """Refuse (InputError) a folder imagegen must not write into: a filesystem root or the home
+    folder, a non-empty folder that is not a run (no manifest: the user's own files), and a run
+    whose sub-folders are symlinks (reconcile and the writers would act in the link's target)."""
+    folder = Path(folder)
+    why = _never_a_run_folder(folder)
+    if why:
+        raise InputError(f"{folder}: {why}; a run folder must be a folder of its own (e.g. runs/<name>)")
+    if create and folder.is_dir() and not (folder / MANIFEST).is_file():
+        try:
+            ours = _only_our_leftovers(folder)
+        except OSError as exc:
+            raise InputError(f"{folder}: cannot read the folder: {exc.strerror or exc}") from None
+        if not ours:
+            raise InputError(f"{folder}: not empty and not an imagegen run folder (no {MANIFEST}); "
+                             "imagegen will not write among other files: choose a new or empty `output:` folder")
+    for sub in SUBFOLDERS:
+        if (folder / sub).is_symlink():
+            raise InputError(f"{folder / sub}: is a symlink; imagegen writes and cleans only real folders inside a "
+                             f"run folder: replace it with a folder (move the files in) or choose another `output:`")
+
+
 def image_name(index: int, job_id: str) -> str:
     return f"{index:04d}-{job_id}.png"
 
@@ -200,16 +254,19 @@ class RunStore:
     # --- opening, locking, schema ------------------------------------------------------------
 
     @classmethod
-    def open(cls, folder: str | Path, *, wait: bool = False, create: bool = True, lock: bool = True) -> "RunStore":
+    def open(cls, folder: str | Path, *, wait: bool = False, create: bool = True, lock: bool = True,
+             recipe_name: str | None = None, adopt: bool = False) -> "RunStore":
         """Open (and by default create and lock) a run folder.
 
         Only the lock holder (a render) creates or upgrades the manifest; an unlocked open (status,
-        sheet, pick) needs an existing, current one. Raises RunLockedError when another process
-        renders into it (unless `wait`), InputError when the folder cannot be created, is not a
-        run folder, or its manifest is unreadable."""
+        sheet, pick) needs an existing, current one. With `recipe_name` (a render), a run that the
+        manifest says belongs to another recipe is refused unless `adopt`. Raises RunLockedError
+        when another process renders into it (unless `wait`), InputError when the folder cannot be
+        created, is not a run folder (or not one of this recipe), or its manifest is unreadable."""
         folder = Path(folder)
         if not create and not (folder / MANIFEST).is_file():
             raise InputError(f"{folder}: not a run folder (no {MANIFEST}); render a recipe into it first")
+        check_run_folder(folder, create=create)
         if create:
             try:
                 for sub in ("", "images", "thumbs", "sheets"):
@@ -228,11 +285,17 @@ class RunStore:
                     store._migrate()
                 else:
                     store._check_schema()
+                owner = store.get_meta("recipe_name") if recipe_name is not None else None
             except sqlite3.DatabaseError as exc:
                 conn.close()
                 if is_disk_full(exc):
                     raise disk_full(folder / MANIFEST) from None
                 raise InputError(f"{folder / MANIFEST}: not a readable imagegen manifest ({exc})") from None
+            if owner is not None and owner != recipe_name and not adopt:
+                conn.close()
+                raise InputError(f"{folder}: is the run folder of recipe {owner!r}, not {recipe_name!r}; give this recipe "
+                                 "its own `output:`, or pass `render --adopt` to make this run its own (the other "
+                                 "recipe's images are kept as orphans and its picks as comments)")
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)

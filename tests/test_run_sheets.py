@@ -132,5 +132,5 @@ def test_picks_follow_their_jobs_when_a_recipe_edit_moves_indices(run, tmp_path,
     finally:
         store.close()
     assert read_picks(run / "picks.txt") == sorted([new_index[ids[2]], new_index[ids[12]]])
-    assert f"dropped pick 1 (job {ids[1]})" in (run / "picks.txt").read_text()
+    assert f"orphaned pick 1 (job {ids[1]};" in (run / "picks.txt").read_text()
     assert f"{new_index[ids[12]]}  # keeper" in (run / "picks.txt").read_text()  # the note moved with its job

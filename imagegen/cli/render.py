@@ -94,7 +94,7 @@ class Reporter:
             self.total = event["to_render"]
             extra = [text.format(event[key]) for key, text in START_NOTES if event[key]]
             if event["picks_orphaned"]:
-                extra.append(f"picks of jobs no longer in the recipe dropped: {', '.join(event['picks_orphaned'])}")
+                extra.append(f"picks of jobs no longer in the recipe kept as comments in picks.txt: {', '.join(event['picks_orphaned'])}")
             if event["untracked"]:
                 shown = ", ".join(event["untracked"][:3]) + (" ..." if len(event["untracked"]) > 3 else "")
                 extra.append(f"{len(event['untracked'])} files in images/ are not this run's and were left alone ({shown})")
@@ -224,6 +224,7 @@ def render(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: the recipe's `output`)."),
     no_sheet: bool = typer.Option(False, "--no-sheet", help="Do not write contact sheets at the end."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Allow hub ids (network access)."),
+    adopt: bool = typer.Option(False, "--adopt", help="Render into a run folder that belongs to another recipe name, making it this recipe's (its jobs become orphans, its picks comments)."),
 ) -> None:
     """Render recipes into their run folders; resumable, one GPU run per folder at a time."""
     from imagegen.recipe import load_recipe
@@ -234,7 +235,7 @@ def render(
     _check_device_dtype(device, dtype)
     resume_cmd = "imagegen " + shlex.join(["render", *map(str, recipes), *_resume_options(
         device=device, dtype=dtype, batch_size=batch_size, retry_failed=retry_failed, wait=wait, fail_fast=fail_fast,
-        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download)])
+        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt)])
     invalid = 0
     failed_jobs = 0
     with StopFlag() as stop, _aborted_says_how_to_resume(resume_cmd):
@@ -245,7 +246,7 @@ def render(
                 if dry_run:
                     _dry_run(recipe, folder, limit, retry_failed)
                     continue
-                summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet,
+                summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet, adopt=adopt,
                                       options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
                                                             batch_size=batch_size, allow_download=allow_download,
                                                             wait_device=wait))
@@ -284,13 +285,14 @@ def _aborted_says_how_to_resume(resume_cmd: str) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED["SIGINT"]) from None
 
 
-def _render_one(recipe: Any, folder: Path, stop: "StopFlag", *, as_json: bool, wait: bool, no_sheet: bool, options: Any) -> Any:
+def _render_one(recipe: Any, folder: Path, stop: "StopFlag", *, as_json: bool, wait: bool, no_sheet: bool, options: Any,
+                adopt: bool = False) -> Any:
     """Render one recipe into its locked run folder, then refresh its contact sheets."""
     from imagegen.render import render_recipe
     from imagegen.store import RunStore
 
     reporter = Reporter.choose(as_json)
-    store = RunStore.open(folder, wait=wait)
+    store = RunStore.open(folder, wait=wait, recipe_name=recipe.name, adopt=adopt)
     try:
         refresh = None if no_sheet else (lambda: _sheets_quietly(store))
         summary = render_recipe(recipe, store, on_event=reporter, should_stop=stop, on_refresh=refresh, options=options)

@@ -1,0 +1,133 @@
+"""Issue 11, second round: run-folder ownership, concurrent picks, large recipes, special
+input files, leftovers. One test per finding (its own input, the promise checked)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from imagegen.cli import run_app
+from imagegen.errors import InputError
+from imagegen.picks import read_orphans, read_picks, remap_picks, update_picks
+from imagegen.store import RunStore
+
+RECIPE = """
+name: {name}
+model:
+  checkpoint: builtin:tiny-sd15
+prompt: "a {{red|blue}} bowl"
+size: 64x64
+steps: 2
+batch_size: 1
+output: {output}
+"""
+
+
+def recipe(tmp_path: Path, output: str, name: str = "mine") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(RECIPE.format(name=name, output=output)))
+    return path
+
+
+def one_line_exit_2(capsys, argv) -> str:
+    capsys.readouterr()
+    assert run_app(argv) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1, said
+    return said[0]
+
+
+# --- finding 3: a folder that is not this recipe's run -------------------------------------------
+
+
+def test_a_folder_of_your_own_files_is_refused_and_untouched(tmp_path, capsys):
+    mine = tmp_path / "stuff"
+    (mine / "images").mkdir(parents=True)
+    files = {"recipe.yaml": b"my own recipe", ".tmp-notes.txt": b"notes", "images/cat.png": b"cat"}
+    for name, data in files.items():
+        (mine / name).write_bytes(data)
+    line = one_line_exit_2(capsys, ["render", str(recipe(tmp_path, str(mine)))])
+    assert "not an imagegen run folder" in line
+    assert {n: (mine / n).read_bytes() for n in files} == files
+    assert not (mine / "manifest.sqlite").exists() and not (mine / "thumbs").exists()
+
+
+@pytest.mark.parametrize("where", ["/", "home"])
+def test_root_and_home_are_never_run_folders(tmp_path, capsys, monkeypatch, where):
+    if where == "home":
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        (tmp_path / "home").mkdir()
+        where = str(tmp_path / "home")
+    line = one_line_exit_2(capsys, ["render", str(recipe(tmp_path, where))])
+    assert "filesystem root" in line or "home folder" in line
+    if where != "/":
+        assert list(Path(where).iterdir()) == []
+
+
+@pytest.mark.parametrize("sub", ["images", "thumbs", "sheets", "upscaled"])
+def test_symlinked_sub_folders_are_refused(tmp_path, capsys, sub):
+    run = tmp_path / "run"
+    RunStore.open(run).close()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / ".tmp-x.png.123.abcdef").write_bytes(b"someone else's")
+    if (run / sub).exists():
+        (run / sub).rmdir()
+    (run / sub).symlink_to(target, target_is_directory=True)
+    line = one_line_exit_2(capsys, ["render", str(recipe(tmp_path, str(run)))])
+    assert "is a symlink" in line and sub in line
+    assert (target / ".tmp-x.png.123.abcdef").exists()
+    with pytest.raises(InputError, match="is a symlink"):
+        RunStore.open(run, create=False, lock=False)
+
+
+def test_an_empty_folder_and_a_crashed_start_are_fine(tmp_path):
+    (tmp_path / "empty").mkdir()
+    RunStore.open(tmp_path / "empty", recipe_name="mine").close()
+    crashed = tmp_path / "crashed"  # died between mkdir and the manifest
+    (crashed / "images").mkdir(parents=True)
+    (crashed / ".lock").write_text("{}")
+    RunStore.open(crashed, recipe_name="mine").close()
+
+
+def test_a_run_of_another_recipe_is_refused_unless_adopted(tmp_path, capsys):
+    run = tmp_path / "run"
+    with RunStore.open(run, recipe_name="first") as store:
+        store.freeze_recipe("name: first\n", "a" * 64, "first")
+    line = one_line_exit_2(capsys, ["render", str(recipe(tmp_path, str(run), name="second"))])
+    assert "recipe 'first'" in line and "--adopt" in line
+    with pytest.raises(InputError, match="recipe 'first'"):
+        RunStore.open(run, recipe_name="second")
+    RunStore.open(run, recipe_name="second", adopt=True).close()
+    RunStore.open(run, recipe_name="first").close()
+
+
+def fake_jobs(ids):
+    return [{"id": job_id, "index": i} for i, job_id in enumerate(ids, 1)]
+
+
+def test_picks_of_gone_jobs_stay_as_comments_and_come_back(tmp_path):
+    a = [f"{i:012x}" for i in range(1, 21)]
+    b = [f"{i:012x}" for i in range(101, 106)]
+    with RunStore.open(tmp_path / "run") as store:
+        store.sync_plan(fake_jobs(a))
+        update_picks(store, ["3", "7", "12"])
+        text = store.picks_file.read_text().replace("\n7\n", "\n7  # the good one\n")
+        store.picks_file.write_text(text)
+        old = {r.index: r.id for r in store.rows()}
+        store.sync_plan(fake_jobs(b))  # another recipe adopted the folder: all 20 jobs orphaned
+        moved, orphaned = remap_picks(store, old)
+        assert len(orphaned) == 3 and read_picks(store.picks_file) == []
+        assert set(read_orphans(store.picks_file)) == {a[2], a[6], a[11]}
+        assert read_orphans(store.picks_file)[a[6]] == (7, "the good one")
+        update_picks(store, ["2"])  # a later pick keeps the comments
+        assert set(read_orphans(store.picks_file)) == {a[2], a[6], a[11]}
+        old = {r.index: r.id for r in store.rows()}
+        store.sync_plan(fake_jobs(a))  # the first recipe again: its picks are back, with their note
+        remap_picks(store, old)
+        assert read_picks(store.picks_file) == [3, 7, 12]
+        assert "7  # the good one" in store.picks_file.read_text()
+        assert read_orphans(store.picks_file) == {b[1]: (2, "")}  # the second recipe's pick waits in turn
