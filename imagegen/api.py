@@ -117,19 +117,23 @@ def status(run: str | Path, *, verify: bool = False) -> dict[str, Any]:
 
 
 def pick(run: str | Path, *picks: int | str, remove: bool = False, clear: bool = False,
-         from_file: str | Path | None = None) -> list[int]:
+         from_file: str | Path | None = None, on_warning: Callable[[str], None] | None = None) -> list[int]:
     """Change a run's picks and return the whole pick list (sorted job indices).
 
     `picks` are job indices, ranges ("12-15") or job ids, added (or removed with `remove`);
     `clear` empties the list first; `from_file` replaces it with a picks.txt list (as exported
-    by index.html). Writes picks.txt atomically and mirrors it into the manifest. Raises
-    InputError (nothing written) for an index or id that is not in the run."""
+    by index.html; picks changed on the command line since that page was written win, and
+    `on_warning` lists them). Writes picks.txt atomically under the picks lock, mirrors it into
+    the manifest and refreshes sheets/index.html. Raises InputError (nothing written) for an
+    index or id that is not in the run."""
     from imagegen.picks import update_picks
+    from imagegen.sheets.run import write_run_index
     from imagegen.store import RunStore
 
     with RunStore.open(Path(run), create=False, lock=False) as store:
         return update_picks(store, [str(p) for p in picks], from_file=Path(from_file) if from_file else None,
-                            remove=remove, clear=clear)
+                            remove=remove, clear=clear, on_warning=on_warning or (lambda message: None),
+                            after=lambda chosen: write_run_index(store, chosen))
 
 
 def sheet(run: str | Path, *, by: str | None = None, x: str | None = None, y: str | None = None,

@@ -13,7 +13,8 @@ import contextlib
 import fcntl
 import os
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from imagegen.errors import InputError
@@ -30,6 +31,9 @@ _TOKEN = re.compile(r"^(\d+)(?:-(\d+))?$")
 # pick when the job is planned again (same job id).
 _ORPHAN = re.compile(r"^#\s*orphaned pick (\d+) \(job ([0-9a-f]{12})[^)]*\)(?::\s*(.*))?$")
 Orphans = Mapping[str, tuple[int, str]]  # job id -> (index it had, note)
+# index.html carries the picks it was written with; its export repeats this header line, so that
+# `pick --from` can tell picks made on the command line since then from picks undone in the browser.
+_PAGE = re.compile(r"^#\s*page written (\S+) \(t=(\d+(?:\.\d+)?)\) with picks: ?(.*)$")
 
 
 def _parse_token(token: str, ids: Mapping[str, int] | None) -> range:
@@ -180,6 +184,29 @@ def write_picks(path: Path, indices: Iterable[int], *, header: str | None = None
 # --- a run's picks ----------------------------------------------------------------------------
 
 
+def page_header(picks: Iterable[int], written_at: float | None = None) -> str:
+    """The line index.html carries (and exports): when it was written and with which picks."""
+    t = time.time() if written_at is None else written_at
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+    return f"page written {stamp} (t={t:.3f}) with picks: {format_ranges(picks, limit=10**9)}"
+
+
+def read_page_picks(path: Path) -> tuple[str, set[int]] | None:
+    """(when, picks) of the page a browser export came from, or None for a list without that line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in text.splitlines():
+        m = _PAGE.match(line.strip())
+        if m:
+            try:
+                return m.group(1), _parse_tokens(m.group(3), None, str(path))
+            except InputError:
+                return None
+    return None
+
+
 def job_indices(store: RunStore) -> tuple[set[int], dict[str, int]]:
     """Valid pick targets: planned job indices, and job ids mapped to their index."""
     rows = store.rows()
@@ -193,16 +220,21 @@ def clean_note(note: str) -> str:
 
 
 def update_picks(store: RunStore, args: Sequence[str] = (), *, from_file: Path | None = None, remove: bool = False,
-                 clear: bool = False, notes: Mapping[int, str] | None = None) -> list[int]:
-    """Change the picks, write picks.txt atomically and mirror it into the manifest.
+                 clear: bool = False, notes: Mapping[int, str] | None = None,
+                 on_warning: Callable[[str], None] = lambda message: None,
+                 after: Callable[[list[int]], None] | None = None) -> list[int]:
+    """Change the picks, write picks.txt atomically and mirror it into the manifest, all under
+    the picks lock (`after(picks)`, e.g. refreshing index.html, runs under it too).
 
     `args` are added (or removed with `remove`); `from_file` (a list exported from index.html)
-    *replaces* the picks, since it holds the whole set chosen in the browser; `clear` empties
+    *replaces* the picks, since it holds the whole set chosen in the browser, except that
+    changes made on the command line since that page was written win: picks added since are
+    kept and picks removed since stay removed, and `on_warning` says which; `clear` empties
     first. `notes` sets the note of these indices (an empty note removes it; kept as
     `42  # note` in picks.txt). Raises InputError (nothing written) for an index or id that is
     not in the run, or a `from_file` that is not a readable file."""
     with picks_lock(store):
-        return _update_picks(store, args, from_file, remove, clear, notes)
+        return _update_picks(store, args, from_file, remove, clear, notes, on_warning, after)
 
 
 @contextlib.contextmanager
@@ -219,25 +251,41 @@ def picks_lock(store: RunStore) -> Iterator[None]:
 
 
 def _update_picks(store: RunStore, args: Sequence[str], from_file: Path | None, remove: bool, clear: bool,
-                  notes: Mapping[int, str] | None) -> list[int]:
+                  notes: Mapping[int, str] | None, on_warning: Callable[[str], None],
+                  after: Callable[[list[int]], None] | None) -> list[int]:
     valid, ids = job_indices(store)
     chosen = parse_pick_args(list(args), valid, ids=ids) if args else []
+    current = set(read_picks(store.picks_file, ids=ids))
     if from_file is not None:
         if not Path(from_file).is_file():
             raise InputError(f"pick --from: {from_file} is not a file")
-        extra = read_picks(from_file, ids=ids)
-        bad = sorted(set(extra) - valid)
+        extra = set(read_picks(from_file, ids=ids))
+        bad = sorted(extra - valid)
         if bad:
             parse_pick_args([str(bad[0])], valid)  # raises the standard message
-        chosen = sorted(set(chosen) | set(extra))
-    current = set() if clear or from_file is not None else set(read_picks(store.picks_file, ids=ids))
-    new = current - set(chosen) if remove else current | set(chosen)
+        page = read_page_picks(from_file)
+        if page is not None and not clear:
+            when, seen = page
+            added = sorted((current - seen) - extra)
+            removed = sorted((seen - current) & extra)
+            if added:
+                on_warning(f"pick --from: kept {len(added)} picks made on the command line after the page was "
+                           f"written ({when}), which the browser did not show: {format_ranges(added, limit=50)}")
+            if removed:
+                on_warning(f"pick --from: left out {len(removed)} picks removed on the command line after the page "
+                           f"was written ({when}): {format_ranges(removed, limit=50)}")
+            extra = (extra | set(added)) - set(removed)
+        chosen = sorted(set(chosen) | extra)
+    base = set() if clear or from_file is not None else current
+    new = base - set(chosen) if remove else base | set(chosen)
     kept_notes = {**read_pick_notes(store.picks_file), **(read_pick_notes(from_file) if from_file is not None else {})}
     for index, note in (notes or {}).items():
         kept_notes[index] = clean_note(note)
     orphans = {} if clear else read_orphans(store.picks_file)
     write_picks(store.picks_file, sorted(new), header=PICKS_HEADER, notes=kept_notes, orphans=orphans)
     store.set_picks(sorted(new))
+    if after is not None:
+        after(sorted(new))
     return sorted(new)
 
 

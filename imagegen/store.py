@@ -172,7 +172,7 @@ def _only_our_leftovers(folder: Path) -> bool:
     from imagegen.fsutil import is_our_temp
 
     for entry in folder.iterdir():
-        if entry.name == ".lock" or is_our_temp(entry.name):
+        if entry.name in (".lock", ".picks.lock") or is_our_temp(entry.name):
             continue
         if entry.name in SUBFOLDERS and entry.is_dir() and not entry.is_symlink() \
                 and all(is_our_temp(e.name) for e in entry.iterdir()):

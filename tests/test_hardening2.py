@@ -32,6 +32,29 @@ def recipe(tmp_path: Path, output: str, name: str = "mine") -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def rendered_run(tmp_path_factory):
+    """A finished 2-image render of RECIPE (name `pipe`), rendered once per module."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("rendered")
+    path = folder / "r.yaml"
+    path.write_text(textwrap.dedent(RECIPE.format(name="pipe", output="run")))
+    subprocess.run([sys.executable, "-m", "imagegen", "render", str(path)], cwd=folder, check=True, timeout=900,
+                   capture_output=True)
+    return folder / "run"
+
+
+@pytest.fixture
+def piped_run_copy(rendered_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(rendered_run, run)
+    return run
+
+
 def one_line_exit_2(capsys, argv) -> str:
     capsys.readouterr()
     assert run_app(argv) == 2
@@ -131,3 +154,52 @@ def test_picks_of_gone_jobs_stay_as_comments_and_come_back(tmp_path):
         assert read_picks(store.picks_file) == [3, 7, 12]
         assert "7  # the good one" in store.picks_file.read_text()
         assert read_orphans(store.picks_file) == {b[1]: (2, "")}  # the second recipe's pick waits in turn
+
+
+# --- finding 5: concurrent picks ------------------------------------------------------------------
+
+
+def test_two_concurrent_picks_never_lose_one(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    with RunStore.open(run) as store:
+        store.sync_plan(fake_jobs([f"{i:012x}" for i in range(1, 41)]))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for k in range(10):
+        procs = [subprocess.Popen([sys.executable, "-m", "imagegen", "pick", str(run), str(2 * k + n)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in (1, 2)]
+        for p in procs:
+            assert p.wait(timeout=120) == 0, p.stderr.read()
+            p.stderr.close()
+        assert read_picks(run / "picks.txt") == list(range(1, 2 * k + 3)), f"try {k + 1}: a pick was lost"
+    with RunStore.open(run, create=False, lock=False) as store:
+        assert [r[0] for r in store._conn.execute("SELECT idx FROM picks ORDER BY idx")] == list(range(1, 21))
+
+
+def test_pick_refreshes_index_html_and_from_keeps_later_cli_picks(piped_run_copy, tmp_path, capsys):
+    import json
+    import re
+
+    run = piped_run_copy
+    assert run_app(["pick", str(run), "1"]) == 0
+    page = (run / "sheets" / "index.html").read_text()
+    data = json.loads(re.search(r'"picked":(\[[^\]]*\])', page).group(1))
+    assert data == [1]
+    header = re.search(r'"header":(\[[^\]]*\])', page).group(1)
+    page_line = json.loads(header.replace("\\u003c", "<").replace("\\u003e", ">").replace("\\u0026", "&"))[1]
+    # the browser exports what the page showed (pick 1) plus nothing; meanwhile the CLI picked 2
+    assert run_app(["pick", str(run), "2"]) == 0
+    export = tmp_path / "export.txt"
+    export.write_text(f"# imagegen picks: pipe\n# {page_line}\n1\n")
+    capsys.readouterr()
+    assert run_app(["pick", str(run), "--from", str(export)]) == 0
+    said = capsys.readouterr().err
+    assert "kept 1 picks made on the command line after the page was written" in said and ": 2" in said
+    assert read_picks(run / "picks.txt") == [1, 2]
+    # an export without the page line still replaces the picks
+    export.write_text("2\n")
+    assert run_app(["pick", str(run), "--from", str(export)]) == 0
+    assert read_picks(run / "picks.txt") == [2]
+    assert '"picked":[2]' in (run / "sheets" / "index.html").read_text()

@@ -111,8 +111,11 @@ def test_toggle_picks_and_export_copy_and_download(page, tmp_path):
 
     for index_no in (5, 12, 3):  # pick 5 and 12, unpick 3
         page.click(f"#job-{index_no} .pick")
-    expected = format_picks([5, 7, 12], header=f"imagegen picks: {TITLE}")
-    assert page.input_value("#picklist") == expected
+    exported = page.input_value("#picklist")
+    page_line = exported.splitlines()[1]  # the page's write time and picks, for `pick --from`
+    assert page_line.startswith("# page written ") and page_line.endswith("with picks: 3, 7")
+    expected = format_picks([5, 7, 12], header=f"imagegen picks: {TITLE}\n{page_line}")
+    assert exported == expected
     assert page.get_attribute("#job-5 .pick", "aria-pressed") == "true"
     assert page.get_attribute("#job-3 .pick", "aria-pressed") == "false"
     assert "3 picked" in page.inner_text("#count")
@@ -199,7 +202,7 @@ def test_works_from_a_static_server(page, tmp_path):
         page.wait_for_function("Array.from(document.images).every(img => img.complete)")
         assert page.eval_on_selector_all("#cards img", "imgs => imgs.map(i => i.naturalWidth)") == [256] * 3
         page.click("#job-2 .pick")
-        assert page.input_value("#picklist").splitlines()[1:] == ["2", "3"]
+        assert page.input_value("#picklist").splitlines()[2:] == ["2", "3"]  # after the title and page lines
     finally:
         server.shutdown()
         server.server_close()
@@ -225,4 +228,4 @@ def test_a_thousand_items_filter_and_pick(page, tmp_path):
         }"""
     )
     assert result["shown"] == 250
-    assert page.input_value("#picklist").splitlines()[1:] == ["3", "7", "500"]
+    assert page.input_value("#picklist").splitlines()[2:] == ["3", "7", "500"]

@@ -53,7 +53,7 @@ def pick(
         raise InputError("pick: give job indices (12 57 203-210), --from FILE or --clear")
     if remove and clear:
         raise InputError("pick: --remove and --clear do not go together")
-    picks = set_picks(run, *(items or []), from_file=from_file, remove=remove, clear=clear)
+    picks = set_picks(run, *(items or []), from_file=from_file, remove=remove, clear=clear, on_warning=err)
     typer.echo(f"{len(picks)} picked: {format_ranges(picks, limit=20) or '(none)'}")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from imagegen.fsutil import write_bytes_atomic
+from imagegen.picks import page_header
 from imagegen.sheets.items import MISSING, SheetItem, axis_values, caption_axes, caption_for, list_sheets, varying_axes
 
 INDEX_NAME = "index.html"
@@ -71,7 +72,7 @@ def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str) 
         "axes": [{"name": name, "values": values[name]} for name in varying],
         "items": [[position[name][item.axes.get(name, MISSING)] for name in varying] for item in items],
         "picked": [item.index for item in items if item.picked],
-        "header": [f"imagegen picks: {one_line_title}"],
+        "header": [f"imagegen picks: {one_line_title}", page_header(item.index for item in items if item.picked)],
     }
 
     # 3. Fill the template in one pass, so that no inserted text is read as a placeholder.

@@ -38,3 +38,9 @@ def write_run_sheets(store: RunStore, *, by: str | None = None, x: str | None = 
     pages = write_sheets(items, store.sheets, title=title, by=by, x=x, y=y, max_per_page=max_per_page)
     index = write_index_html(items, store.sheets, title=title)
     return pages, index
+
+
+def write_run_index(store: RunStore, picks: Sequence[int] | None = None) -> Path:
+    """Rewrite only sheets/index.html (after `pick`: a page opened later shows the current picks)."""
+    title = store.get_meta("recipe_name") or store.folder.name
+    return write_index_html(sheet_items(store, picks), store.sheets, title=title)
