@@ -56,6 +56,7 @@ DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}  # how 
 
 # --- files ------------------------------------------------------------------------------------
 TMP_PREFIX = ".tmp-"  # temporary files of atomic writes (`.tmp-<name>.<pid>.<hex>`); only those are removed on the next start
+RECIPE_INLINE_BYTES = 64 * 1024  # a recipe up to this size rides whole in each image's `imagegen` chunk; a larger one by sha256 + recipe-history/ file (Pillow opens text chunks up to 1 MB)
 BUILTIN_PREFIX = "builtin:"  # checkpoint references to the built-in models: builtin:<name>
 
 

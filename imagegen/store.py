@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from imagegen.defaults import RECIPE_INLINE_BYTES
 from imagegen.errors import DiskFullError, ImagegenError, InputError, RunLockedError, disk_full, is_disk_full  # noqa: F401
 from imagegen.fsutil import fsync_dir, remove_temp_files, write_bytes_atomic
 
@@ -201,6 +202,12 @@ def check_run_folder(folder: Path, *, create: bool) -> None:
         if (folder / sub).is_symlink():
             raise InputError(f"{folder / sub}: is a symlink; imagegen writes and cleans only real folders inside a "
                              f"run folder: replace it with a folder (move the files in) or choose another `output:`")
+
+
+def recipe_history_name(sha256: str) -> str:
+    """Where a run folder keeps the recipe of this sha256 once it is not the current one (and
+    at once for a recipe too large to ride in its images): relative to the run folder."""
+    return f"recipe-history/{sha256[:12]}.yaml"
 
 
 def image_name(index: int, job_id: str) -> str:
@@ -374,12 +381,16 @@ class RunStore:
         """Keep the exact recipe text rendered (earlier versions go to recipe-history/)."""
         current = self.folder / "recipe.yaml"
         old_sha = self.get_meta("recipe_sha256")
+        data = text.encode("utf-8")
+        hist = self.folder / "recipe-history"
         if old_sha and old_sha != sha256 and current.exists():
-            hist = self.folder / "recipe-history"
             hist.mkdir(exist_ok=True)
-            write_bytes_atomic(hist / f"{old_sha[:12]}.yaml", current.read_bytes())
+            write_bytes_atomic(self.folder / recipe_history_name(old_sha), current.read_bytes())
+        if len(data) > RECIPE_INLINE_BYTES and not (self.folder / recipe_history_name(sha256)).is_file():
+            hist.mkdir(exist_ok=True)  # its images name this copy instead of carrying the text
+            write_bytes_atomic(self.folder / recipe_history_name(sha256), data)
         if old_sha != sha256 or not current.exists():
-            write_bytes_atomic(current, text.encode("utf-8"))
+            write_bytes_atomic(current, data)
             write_bytes_atomic(self.folder / "recipe.sha256", f"{sha256}  recipe.yaml\n".encode())
         self.set_meta("recipe_sha256", sha256)
         self.set_meta("recipe_name", name)

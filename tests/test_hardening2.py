@@ -203,3 +203,59 @@ def test_pick_refreshes_index_html_and_from_keeps_later_cli_picks(piped_run_copy
     assert run_app(["pick", str(run), "--from", str(export)]) == 0
     assert read_picks(run / "picks.txt") == [2]
     assert '"picked":[2]' in (run / "sheets" / "index.html").read_text()
+
+
+# --- finding 2: a large recipe ---------------------------------------------------------------------
+
+
+def test_a_large_recipe_keeps_every_image_readable(tmp_path, capsys):
+    import hashlib
+    import json
+    import sqlite3
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from imagegen.defaults import RECIPE_INLINE_BYTES
+    from imagegen.upscale.archs.compact.net import SRVGGNetCompact
+
+    comments = "".join(f"# comment line {i:05d} " + "x" * 41 + "\n" for i in range(20_000))
+    path = tmp_path / "big.yaml"
+    path.write_text(textwrap.dedent(RECIPE.format(name="big", output="run")) + comments)
+    assert path.stat().st_size > 1_250_000
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-m", "imagegen", "render", str(path)], cwd=tmp_path, env=env, check=True,
+                   timeout=900, capture_output=True)
+    run = tmp_path / "run"
+    images = sorted((run / "images").glob("*.png"))
+    assert len(images) == 2
+    for image in images:
+        with Image.open(image) as im:  # Pillow's default MAX_TEXT_CHUNK
+            prov = json.loads(im.text["imagegen"])
+        assert len(im.info["imagegen"]) < RECIPE_INLINE_BYTES + 64 * 1024
+        rec = prov["recipe"]
+        assert rec["text"] is None and rec["text_bytes"] == path.stat().st_size
+        assert hashlib.sha256((run / rec["text_file"]).read_bytes()).hexdigest() == rec["sha256"]
+        assert (run / rec["text_file"]).read_bytes() == path.read_bytes()
+    # a crash after the files were written, before the manifest said so: they are adopted, not rendered again
+    conn = sqlite3.connect(run / "manifest.sqlite")
+    conn.execute("UPDATE jobs SET status = 'pending'")
+    conn.commit()
+    conn.close()
+    capsys.readouterr()
+    assert run_app(["render", str(path), "--no-sheet", "--json"]) == 0
+    start = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"start"' in line][0]
+    assert start["adopted"] == 2 and start["to_render"] == 0
+    assert run_app(["reproduce", str(images[0])]) == 0
+    torch.manual_seed(0)
+    model = tmp_path / "tiny-x4.pth"
+    torch.save({"params": SRVGGNetCompact(num_feat=4, num_conv=1, scale=4).state_dict()}, model)
+    assert run_app(["pick", str(run), "1"]) == 0
+    assert run_app(["upscale", str(run), "--model", str(model), "--width", "128", "--format", "png"]) == 0
+    [out] = list((run / "upscaled").glob("*.png"))
+    with Image.open(out) as im:
+        assert im.size == (128, 128) and "imagegen" in im.text
+    assert np.asarray(Image.open(out)).shape == (128, 128, 3)

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from imagegen import __version__
+from imagegen.defaults import RECIPE_INLINE_BYTES
 from imagegen.errors import DiskFullError, ImagegenError, is_disk_full
 from imagegen.metadata import addnet_hash, format_parameters, hires_fields, png_text_chunks, sha256_file
 from imagegen.plan import Job
 from imagegen.recipe import Recipe
 from imagegen.fsutil import write_bytes_atomic
-from imagegen.store import RunStore, image_name, thumb_name
+from imagegen.store import RunStore, image_name, recipe_history_name, thumb_name
 
 WRITER_THREADS = max(1, min(4, (os.cpu_count() or 2)))  # PNG encoders running beside the GPU
 PNG_COMPRESS_LEVEL = 6  # zlib level: PIL's default; level 9 costs ~3x the time for ~2% size
@@ -70,6 +71,17 @@ def hires_provenance(job: Job, hashes: dict[str, str | None], scheduler_config: 
     ]
 
 
+def recipe_provenance(recipe: Recipe) -> dict:
+    """The recipe as each image carries it: the full text up to `RECIPE_INLINE_BYTES`; above that
+    its sha256, size and the run folder's copy (`recipe-history/<sha12>.yaml`), so that every
+    image stays readable by Pillow's default text-chunk limit whatever the recipe's size."""
+    out = {"name": recipe.name, "sha256": recipe.sha256, "path": str(recipe.path)}
+    size = len(recipe.text.encode("utf-8"))
+    if size <= RECIPE_INLINE_BYTES:
+        return {**out, "text": recipe.text}
+    return {**out, "text": None, "text_bytes": size, "text_file": recipe_history_name(recipe.sha256)}
+
+
 def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None], engine: Any, seconds: float,
                    scheduler_config: dict | None = None, hires_scheduler_config: dict | None = None) -> dict:
     """The `imagegen` JSON stored in each PNG: enough to reproduce and audit the image."""
@@ -79,7 +91,7 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
         extra["passes"] = hires_provenance(job, hashes, cfg)
     return {**extra,
         "imagegen": __version__,
-        "recipe": {"name": recipe.name, "sha256": recipe.sha256, "path": str(recipe.path), "text": recipe.text} if recipe else None,
+        "recipe": recipe_provenance(recipe) if recipe else None,
         "index": job.index,
         "id": job.id,
         "family": job.family,
