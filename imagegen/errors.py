@@ -62,3 +62,12 @@ def disk_full(where: object, detail: str = "") -> DiskFullError:
     """The one DiskFullError message: where, what was kept, and what to do."""
     what = f" ({detail})" if detail else ""
     return DiskFullError(f"{where}: disk full{what}; finished images are kept, free some space and run the same command again to resume")
+
+
+class StoppedError(ImagegenError):
+    """SIGINT/SIGTERM arrived during a long step before rendering (hashing model files): the
+    run stops at once, nothing half-done is kept; exit 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, signal_name: str, doing: str) -> None:
+        super().__init__(f"imagegen: stopped by {signal_name} while {doing}; nothing was rendered yet; "
+                         "run the same command again to go on", exit_code=143 if signal_name == "SIGTERM" else 130)

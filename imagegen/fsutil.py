@@ -133,6 +133,23 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda handle: handle.write(data))
 
 
+def not_a_regular_file(path: Path, *, folder_ok: bool = False) -> str | None:
+    """Why an input path that exists cannot be read as a file (a device such as /dev/zero never
+    ends, a FIFO blocks forever): None for a regular file (or a folder with `folder_ok`) and for a
+    missing path (the caller says "not found")."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return f"is {kind}, not a regular file" + (" or model folder" if folder_ok else "")
+
+
 def is_our_temp(name: str) -> bool:
     """True for a name `temp_path` makes (`.tmp-<name>.<pid>.<6 hex>`)."""
     return name.startswith(TMP_PREFIX) and _OUR_TEMP.fullmatch(name) is not None

@@ -16,6 +16,7 @@ dtype and timings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,10 +24,12 @@ import re
 import struct
 import threading
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from imagegen.defaults import cache_root
+from imagegen.errors import StoppedError
 from imagegen.fsutil import write_bytes_atomic
 from imagegen.samplers import from_infotext, infotext_schedule, lookup_sampler
 
@@ -299,12 +302,34 @@ def _hash_cache_path() -> Path:
     return cache_root() / "file-hashes.json"
 
 
+_STOP_CHECKS: list[Callable[[], str | None]] = []  # see `stoppable`
+
+
+@contextlib.contextmanager
+def stoppable(should_stop: Callable[[], str | None]) -> Iterator[None]:
+    """While inside, hashing checks `should_stop()` between 4-MB blocks and raises StoppedError
+    when it names a signal, so a long hash (a multi-GB checkpoint) honours SIGINT/SIGTERM."""
+    _STOP_CHECKS.append(should_stop)
+    try:
+        yield
+    finally:
+        _STOP_CHECKS.remove(should_stop)
+
+
+def _check_stop(path: str | Path) -> None:
+    for check in _STOP_CHECKS:
+        reason = check()
+        if reason:
+            raise StoppedError(reason, f"hashing {path}")
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes (not cached; see `sha256_file` for model files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
+            _check_stop(path)
     return h.hexdigest()
 
 
@@ -384,6 +409,7 @@ def addnet_hash_of_file(path: str | Path) -> str:
             return given
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
+            _check_stop(path)
     return h.hexdigest()
 
 

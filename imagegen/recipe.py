@@ -25,6 +25,7 @@ from imagegen.defaults import (
     MAX_YAML_DEPTH, MAX_YAML_VALUES, MIN_RENDER_SIDE, MIN_UPSCALE_SIDE,
 )
 from imagegen.errors import ModelError, RecipeError
+from imagegen.fsutil import not_a_regular_file
 from imagegen.modelfiles import check_lora, detect_family
 from imagegen.models import BUILTIN_FAMILY, BUILTIN_FILES, BUILTIN_MODELS, FAMILY_CHOICES, FAMILY_NAMES, default_size
 from imagegen.samplers import lookup_sampler, sampler_names
@@ -563,7 +564,11 @@ def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str
             family = real
     else:
         path = _resolve(base, ckpt)
-        if path.exists():
+        special = not_a_regular_file(path, folder_ok=True)
+        if special:
+            doc.problem(("model", "checkpoint"), f"checkpoint `{path}` {special}")
+            checkpoint = str(path)
+        elif path.exists():
             if path.is_dir() and not (path / "model_index.json").exists():
                 doc.problem(("model", "checkpoint"), f"checkpoint folder `{path}` has no model_index.json (not a diffusers folder)")
             elif path.is_file() and path.suffix.lower() not in (".safetensors",):
@@ -593,7 +598,10 @@ def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str
             doc.problem(("model", "vae"), f"`model.vae` must be a file or folder path, got {_show(vae)}")
         else:
             p = _resolve(base, vae)
-            if not p.exists():
+            special = not_a_regular_file(p, folder_ok=True)
+            if special:
+                doc.problem(("model", "vae"), f"VAE `{p}` {special}")
+            elif not p.exists():
                 doc.missing_file(("model", "vae"), f"VAE file not found: `{p}`")
             vae_path = str(p.resolve())
     return checkpoint, family, vae_path
@@ -611,7 +619,11 @@ def _lora_entry(doc: _Doc, item: Any, path: Path_, base: Path, *, sweep: bool) -
         ok = False
     else:
         p = _resolve(base, raw_path)
-        if not p.is_file():
+        special = not_a_regular_file(p)
+        if special:
+            doc.problem(path + ("path",), f"LoRA `{p}` {special}")
+            ok = False
+        elif not p.is_file():
             doc.missing_file(path + ("path",), f"LoRA file not found: `{p}`")
             ok = ok and not doc.check_files
         if p.suffix.lower() != ".safetensors":
@@ -782,7 +794,10 @@ def _upscale(doc: _Doc, data: dict, base: Path) -> UpscaleSettings:
             doc.problem(p + ("model",), f"`upscale.model` must be a weight file path, got {_show(m)}")
         else:
             mp = _resolve(base, m)
-            if not mp.is_file():
+            special = not_a_regular_file(mp)
+            if special:
+                doc.problem(p + ("model",), f"upscale model `{mp}` {special}")
+            elif not mp.is_file():
                 doc.missing_file(p + ("model",), f"upscale model file not found: `{mp}`")
             model = str(mp.resolve())
     targets = [k for k in ("scale", "width", "height") if k in raw]

@@ -259,3 +259,82 @@ def test_a_large_recipe_keeps_every_image_readable(tmp_path, capsys):
     with Image.open(out) as im:
         assert im.size == (128, 128) and "imagegen" in im.text
     assert np.asarray(Image.open(out)).shape == (128, 128, 3)
+
+
+# --- finding 7: special files as inputs ------------------------------------------------------------
+
+
+def special_inputs(tmp_path: Path) -> dict[str, Path]:
+    zero = tmp_path / "zero.safetensors"
+    zero.symlink_to("/dev/zero")
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    return {"device": zero, "fifo": fifo}
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+@pytest.mark.parametrize("key", ["checkpoint", "vae", "lora", "upscale"])
+def test_special_files_are_refused_by_validate(tmp_path, capsys, kind, key):
+    bad = special_inputs(tmp_path)[kind]
+    text = textwrap.dedent(RECIPE.format(name="s", output="run"))
+    if key == "checkpoint":
+        text = text.replace("builtin:tiny-sd15", str(bad))
+    elif key == "vae":
+        text = text.replace("  checkpoint: builtin:tiny-sd15\n", f"  checkpoint: builtin:tiny-sd15\n  vae: {bad}\n")
+    elif key == "lora":
+        text += f"loras:\n  - path: {bad}\n    weight: 0.5\n"
+    else:
+        text += f"upscale:\n  model: {bad}\n  scale: 2\n"
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    line = one_line_exit_2(capsys, ["validate", str(path)])
+    assert f"is a {kind.replace('fifo', 'FIFO')}" in line and str(bad) in line, line
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_special_files_are_refused_by_upscale(tmp_path, kind):
+    import subprocess
+    import sys
+
+    bad = special_inputs(tmp_path)[kind]
+    image = tmp_path / "x.png"
+    os.symlink(bad, image)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for argv in (["upscale", str(image), "--model", str(tmp_path / "m.pth"), "--scale", "2"],
+                 ["upscale", str(tmp_path / "ok.png"), "--model", str(bad), "--scale", "2"]):
+        if not (tmp_path / "ok.png").exists():
+            from PIL import Image
+
+            Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+        proc = subprocess.run([sys.executable, "-m", "imagegen", *argv], env=env, capture_output=True, text=True, timeout=120)
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1 and f"is a {kind.replace('fifo', 'FIFO')}" in said[0], proc.stderr
+
+
+def test_sigterm_during_a_long_hash_stops_at_once(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    vae = tmp_path / "vae.safetensors"
+    with open(vae, "wb") as f:
+        f.truncate(200 << 30)  # sparse: 200 GB of zeros to hash, minutes of work
+    text = textwrap.dedent(RECIPE.format(name="h", output="run")).replace(
+        "  checkpoint: builtin:tiny-sd15\n", f"  checkpoint: builtin:tiny-sd15\n  vae: {vae}\n")
+    (tmp_path / "r.yaml").write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "IMAGEGEN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "render", "r.yaml", "--no-sheet"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and '"start"' in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no start"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    assert code == 143 and time.monotonic() - sent < 30
+    assert "stopped by SIGTERM while hashing" in proc.stderr.read()
+    proc.stderr.close()

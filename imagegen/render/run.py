@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from imagegen.errors import ImagegenError, disk_full, is_disk_full
+from imagegen.metadata import stoppable
 from imagegen.plan import Job
 from imagegen.recipe import Recipe
 from imagegen.render.batching import Batches
@@ -103,7 +104,8 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         return summary
 
     # 2. Check every file before loading anything heavy, then load the model once.
-    engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
+    with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
+        engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
     batches = Batches(run.pending, opts.batch_size or recipe.batch_size)
     emit({"event": "loaded", "model": engine.model_name, "family": engine.family, "device": engine.device, "dtype": engine.dtype,
           "seconds": round(time.monotonic() - started, 2), "batch_size": batches.batch_size})

@@ -8,6 +8,7 @@ from typing import Any
 
 from imagegen.devices import resolve_device, resolve_dtype
 from imagegen.errors import InputError, ModelError
+from imagegen.fsutil import not_a_regular_file
 from imagegen.metadata import sha256_file
 from imagegen.upscale.archspec import ArchSpec
 from imagegen.upscale.detect import detect, unwrap
@@ -116,6 +117,9 @@ def load_upscaler(path: str | Path, *, device: str | None = None, dtype: str | N
     import torch
 
     path = Path(path)
+    special = not_a_regular_file(path)
+    if special:
+        raise InputError(f"`model` {path} {special}")
     if not path.is_file():
         raise InputError(f"`model` file not found: {path}")
     if path.suffix.lower() not in WEIGHT_SUFFIXES:

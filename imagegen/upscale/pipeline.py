@@ -11,7 +11,7 @@ import numpy as np
 
 from imagegen.defaults import DEFAULT_FORMAT, FORMAT_ALIASES, JPEG_MAX_SIDE
 from imagegen.errors import InputError
-from imagegen.fsutil import write_atomic
+from imagegen.fsutil import not_a_regular_file, write_atomic
 from imagegen.upscale.meta import allow_huge_images, source_metadata, upscale_note, with_note
 from imagegen.metadata import file_sha256
 from imagegen.upscale.model import Upscaler
@@ -30,6 +30,9 @@ def read_image(src: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]
     """
     from PIL import Image, UnidentifiedImageError
 
+    special = not_a_regular_file(src)
+    if special:
+        raise InputError(f"image {src} {special}")
     if not src.is_file():
         raise InputError(f"image not found: {src}")
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 from imagegen.defaults import DEFAULT_FORMAT, FORMAT_ALIASES, FORMATS
 from imagegen.errors import InputError
-from imagegen.fsutil import remove_temp_files
+from imagegen.fsutil import not_a_regular_file, remove_temp_files
 from imagegen.upscale.plan import UpscalePlan, plan_passes
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles in all)
@@ -53,6 +53,9 @@ def image_size(path: Path) -> tuple[int, int]:
 
     from imagegen.upscale.meta import allow_huge_images
 
+    special = not_a_regular_file(path)
+    if special:
+        raise InputError(f"`IMAGE` {path} {special}")
     if not path.is_file():
         raise InputError(f"`IMAGE` not found: {path}")
     try:
