@@ -155,16 +155,41 @@ def is_our_temp(name: str) -> bool:
     return name.startswith(TMP_PREFIX) and _OUR_TEMP.fullmatch(name) is not None
 
 
+def _writer_alive(temp_name: str) -> bool:
+    """True when the process whose PID the temp name carries still runs imagegen (a concurrent
+    `pick`, `sheet` or upscale writing there now); its file is not a leftover."""
+    m = _OUR_TEMP.fullmatch(temp_name)
+    pid_text = temp_name.rsplit(".", 2)[-2] if m and m.group(1) else temp_name.rsplit(".", 1)[-1]
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False  # ours: a write of this process that never finished
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # exists, owned by someone else
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: a live PID is taken as a live writer
+    return b"imagegen" in cmdline or b"python" in cmdline
+
+
 def remove_temp_files(folder: Path, name: str | None = None) -> int:
-    """Delete our half-written temporary files in `folder` (only those for `name`, if given);
-    returns how many were removed."""
+    """Delete our half-written temporary files in `folder` (only those for `name`, if given),
+    except those of a live imagegen process writing there now; returns how many were removed."""
     if not folder.is_dir():
         return 0
     prefix = TMP_PREFIX + (f"{name}." if name else "")
     removed = 0
     for p in folder.iterdir():
         # Only names `temp_path` makes (`.tmp-<name>.<pid>.<6 hex>`): a user's `.tmp-notes.txt` stays.
-        if p.name.startswith(prefix) and _OUR_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+        if p.name.startswith(prefix) and _OUR_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink() \
+                and not _writer_alive(p.name):
             try:
                 p.unlink()
                 removed += 1

@@ -210,6 +210,27 @@ def recipe_history_name(sha256: str) -> str:
     return f"recipe-history/{sha256[:12]}.yaml"
 
 
+def _render_holder(folder: Path) -> str | None:
+    """"PID n on host" of the render holding `folder`'s lock now, or None when none does."""
+    try:
+        fd = os.open(folder / ".lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except (ValueError, OSError):
+                holder = {}
+            return f"PID {holder.get('pid', '?')}" + (f" on {holder['host']}" if holder.get("host") else "")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def image_name(index: int, job_id: str) -> str:
     return f"{index:04d}-{job_id}.png"
 
@@ -315,6 +336,13 @@ class RunStore:
         except sqlite3.OperationalError:
             done = set()
         missing = [name for name, _ in MIGRATIONS if name not in done]
+        if missing:  # a render migrates right after taking the lock: it lost its journal
+            holder = _render_holder(self.folder)
+            if holder is not None:
+                raise InputError(
+                    f"{self.folder}: a render ({holder}) is running, but its manifest journal {MANIFEST}-wal was deleted "
+                    "while it ran, so the manifest on disk does not show its work; its images are safe: let it finish "
+                    "(or stop it) and run `imagegen render` again, which adopts every finished image")
         if missing:
             raise InputError(f"{self.folder / MANIFEST}: manifest is missing schema steps {', '.join(missing)}; "
                              "run `imagegen render` on this folder once to bring it up to date")

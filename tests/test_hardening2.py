@@ -338,3 +338,71 @@ def test_sigterm_during_a_long_hash_stops_at_once(tmp_path):
     assert code == 143 and time.monotonic() - sent < 30
     assert "stopped by SIGTERM while hashing" in proc.stderr.read()
     proc.stderr.close()
+
+
+# --- leftovers ----------------------------------------------------------------------------------
+
+
+def test_status_says_what_happened_when_the_wal_was_deleted_under_a_render(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from imagegen.store import RunStore
+        store = RunStore.open({str(run)!r})
+        store.sync_plan([{{"id": f"{{i:012x}}", "index": i}} for i in range(1, 5)])
+        print("ready", flush=True)
+        sys.stdin.read()
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", holder], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        (run / "manifest.sqlite-wal").unlink()
+        line = one_line_exit_2(capsys, ["status", str(run)])
+        assert f"PID {proc.pid}" in line and "manifest.sqlite-wal was deleted" in line and "missing schema" not in line
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+
+
+def test_sheet_and_upscale_clean_their_own_leftovers_only(piped_run_copy, tmp_path):
+    import torch
+
+    from imagegen.upscale.archs.compact.net import SRVGGNetCompact
+
+    run = piped_run_copy
+    dead = ".tmp-sheet-05.jpg.999999999.abcdef"  # no such PID: a killed sheet's leftover
+    (run / "sheets" / dead).write_bytes(b"partial")
+    (run / "sheets" / ".tmp-notes.txt").write_bytes(b"mine")
+    for n in (2, 3, 4):  # an earlier, longer set of pages
+        (run / "sheets" / f"sheet-{n:02d}.jpg").write_bytes(b"old")
+    assert run_app(["sheet", str(run)]) == 0
+    assert not (run / "sheets" / dead).exists() and (run / "sheets" / ".tmp-notes.txt").exists()
+    page = (run / "sheets" / "index.html").read_text()
+    pages = sorted(p.name for p in (run / "sheets").glob("sheet-*.jpg"))
+    assert pages == ["sheet-01.jpg"] and 'href="sheet-01.jpg"' in page and "sheet-02.jpg" not in page
+    up = run / "upscaled"
+    up.mkdir()
+    leftover = up / ".tmp-0001-abcdef123456-256w.png.999999999.a1b2c3"
+    leftover.write_bytes(b"x" * 1000)
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another imagegen, writing now
+    live = up / f".tmp-other.png.{writer.pid}.a1b2c4"
+    live.write_bytes(b"being written")
+    torch.manual_seed(0)
+    model = tmp_path / "tiny-x4.pth"
+    torch.save({"params": SRVGGNetCompact(num_feat=4, num_conv=1, scale=4).state_dict()}, model)
+    assert run_app(["pick", str(run), "2"]) == 0
+    assert run_app(["upscale", str(run), "--model", str(model), "--scale", "2", "--format", "png"]) == 0
+    try:
+        assert not leftover.exists() and live.exists()  # a live writer's temp file is not a leftover
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sorted(p.name for p in up.iterdir()) == sorted([live.name] + [p.name for p in up.glob("*.png")])

@@ -221,11 +221,12 @@ def write_sheets(
     y: str | None = None,
     max_per_page: int = 100,
     max_megapixels: float = 40.0,
+    drop_stale: bool = True,
 ) -> list[Path]:
     """Write contact-sheet pages `sheet-01.jpg`, ... into `out_dir` and return their paths.
 
     Each page is written atomically; sheets numbered past the last page (from an earlier,
-    larger run) are removed. `by` starts a section per value of that axis; `x`/`y` lay out a
+    larger run) are removed (unless `drop_stale` is False: then `drop_stale_sheets` later). `by` starts a section per value of that axis; `x`/`y` lay out a
     labelled grid, with the other varying axes making separate grids. A missing or unreadable
     thumbnail is drawn as a grey "no thumbnail" box. Raises InputError for an unknown axis
     name, the same axis twice, or caps too small for one row of cells; ValueError if two
@@ -321,7 +322,13 @@ def write_sheets(
         path = out_dir / sheet_name(number)
         write_atomic(path, lambda handle, im=image: im.save(handle, format="JPEG", quality=JPEG_QUALITY))
         paths.append(path)
-    for old in list_sheets(out_dir):
-        if int(SHEET_NAME.match(old.name).group(1)) > len(pages):  # type: ignore[union-attr]
-            old.unlink(missing_ok=True)
+    if drop_stale:
+        drop_stale_sheets(out_dir, len(pages))
     return paths
+
+
+def drop_stale_sheets(out_dir: Path, pages: int) -> None:
+    """Delete the sheet pages numbered above `pages` (left by an earlier, longer set)."""
+    for old in list_sheets(out_dir):
+        if int(SHEET_NAME.match(old.name).group(1)) > pages:  # type: ignore[union-attr]
+            old.unlink(missing_ok=True)

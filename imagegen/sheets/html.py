@@ -51,8 +51,9 @@ def _card(item: SheetItem, caption: str, base: Path) -> str:
     )
 
 
-def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str) -> str:
-    """The text of index.html for `items`, with links relative to `out_dir`."""
+def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str, pages: Sequence[Path] | None = None) -> str:
+    """The text of index.html for `items`, with links relative to `out_dir`, and links to the
+    sheet `pages` (default: those on disk now)."""
     items = sorted(items, key=lambda item: item.index)
     values = axis_values(items)
     varying = varying_axes(items)
@@ -78,7 +79,7 @@ def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str) 
     # 3. Fill the template in one pass, so that no inserted text is read as a placeholder.
     sheet_links = " ".join(
         f'<a href="{html.escape(quote(page.name))}">{number}</a>'
-        for number, page in enumerate(list_sheets(out_dir), start=1)
+        for number, page in enumerate(list_sheets(out_dir) if pages is None else pages, start=1)
     )
     on_caption = caption_axes(items)
     cards = "\n".join(_card(item, caption_for(item, on_caption), Path(out_dir)) for item in items)
@@ -93,12 +94,12 @@ def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str) 
     return re.sub(r"@@([A-Z]+)@@", lambda m: fills[m.group(1)], template)
 
 
-def write_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str) -> Path:
+def write_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str, pages: Sequence[Path] | None = None) -> Path:
     """Write `out_dir/index.html` atomically and return its path.
 
     Raises OSError if the folder cannot be written.
     """
     out_dir = Path(out_dir)
     path = out_dir / INDEX_NAME
-    write_bytes_atomic(path, render_index_html(items, out_dir, title=title).encode("utf-8"))
+    write_bytes_atomic(path, render_index_html(items, out_dir, title=title, pages=pages).encode("utf-8"))
     return path

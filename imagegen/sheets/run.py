@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from imagegen.fsutil import remove_temp_files
 from imagegen.picks import read_picks
-from imagegen.sheets.drawing import write_sheets
+from imagegen.sheets.drawing import drop_stale_sheets, write_sheets
 from imagegen.sheets.html import write_index_html
 from imagegen.sheets.items import SheetItem
 from imagegen.store import RunStore, image_name, thumb_name
@@ -35,8 +36,12 @@ def write_run_sheets(store: RunStore, *, by: str | None = None, x: str | None = 
     Raises InputError for an unknown axis name."""
     items = sheet_items(store)
     title = store.get_meta("recipe_name") or store.folder.name
-    pages = write_sheets(items, store.sheets, title=title, by=by, x=x, y=y, max_per_page=max_per_page)
-    index = write_index_html(items, store.sheets, title=title)
+    remove_temp_files(store.sheets)  # what a killed `sheet` left (of no live process)
+    pages = write_sheets(items, store.sheets, title=title, by=by, x=x, y=y, max_per_page=max_per_page, drop_stale=False)
+    # index.html names exactly the new pages, and is written before stale pages go: a kill at
+    # any point leaves an index whose every link is on disk.
+    index = write_index_html(items, store.sheets, title=title, pages=pages)
+    drop_stale_sheets(store.sheets, len(pages))
     return pages, index
 
 

@@ -132,10 +132,12 @@ def upscale_files(
         for line in job.plan.describe().splitlines():
             on_message(f"    {line}")
 
-    # 3. Run what is missing (after clearing half-written files a killed run left).
+    # 3. Run what is missing, after clearing every half-written file a killed run left in the
+    #    output folders (imagegen's own temp names only, of no live process).
     result = UpscaleResult()
+    for folder in sorted({job.dst.parent for job in jobs}):
+        remove_temp_files(folder)
     for i, job in enumerate(jobs, 1):
-        remove_temp_files(job.dst.parent, job.dst.name)
         if job.dst.exists():
             result.skipped.append(job.dst)
             continue
