@@ -274,7 +274,7 @@ def _render_entry(queue: Queue, row: sqlite3.Row, progress: Callable[[int, int],
             counts["done"] += 1
             progress(counts["done"], counts["total"])
 
-    with RunStore.open(Path(row["output"]), wait=True) as store:
+    with RunStore.open(Path(row["output"]), wait=True, recipe_name=recipe.name) as store:
         summary = render_recipe(recipe, store, options=RenderOptions(device=queue.device), on_event=events,
                                 should_stop=should_stop, open_engine=queue.engine_cache.open)
         write_run_sheets(store)
