@@ -912,6 +912,10 @@ def _hires_upscaler(doc: _Doc, value: Any, path: Path_, base: Path) -> str:
         doc.problem(path, f"`hires.upscaler` must be one of {names} or a Real-ESRGAN weight file (.pth, .safetensors), got {_show(value)}")
         return DEFAULTS["hires_upscaler"]
     file = _resolve(base, value)
+    special = not_a_regular_file(file)
+    if special:
+        doc.problem(path, f"hires upscaler `{file}` {special}")
+        return str(file)
     if not file.is_file():
         doc.missing_file(path, f"hires upscaler file not found: `{file}`")
         return str(file.resolve())

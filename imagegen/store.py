@@ -37,7 +37,7 @@ from imagegen.fsutil import fsync_dir, remove_temp_files, write_bytes_atomic
 
 IMAGE_NAME = re.compile(r"^(\d+)-([0-9a-f]{12})\.png$")
 MANIFEST = "manifest.sqlite"
-SUBFOLDERS = ("images", "thumbs", "sheets", "upscaled", "recipe-history")  # imagegen writes (and deletes temp files) in these
+SUBFOLDERS = ("images", "thumbs", "sheets", "upscaled", "recipe-history", "first")  # imagegen writes (and deletes temp files) in these
 
 # Add-only, numbered schema migrations; each runs once, in order, recorded in `_migrations`.
 MIGRATIONS: tuple[tuple[str, str], ...] = (

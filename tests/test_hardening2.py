@@ -90,7 +90,7 @@ def test_root_and_home_are_never_run_folders(tmp_path, capsys, monkeypatch, wher
         assert list(Path(where).iterdir()) == []
 
 
-@pytest.mark.parametrize("sub", ["images", "thumbs", "sheets", "upscaled"])
+@pytest.mark.parametrize("sub", ["images", "thumbs", "sheets", "upscaled", "first"])
 def test_symlinked_sub_folders_are_refused(tmp_path, capsys, sub):
     run = tmp_path / "run"
     RunStore.open(run).close()
@@ -273,7 +273,7 @@ def special_inputs(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo"])
-@pytest.mark.parametrize("key", ["checkpoint", "vae", "lora", "upscale"])
+@pytest.mark.parametrize("key", ["checkpoint", "vae", "lora", "upscale", "hires"])
 def test_special_files_are_refused_by_validate(tmp_path, capsys, kind, key):
     bad = special_inputs(tmp_path)[kind]
     text = textwrap.dedent(RECIPE.format(name="s", output="run"))
@@ -283,8 +283,10 @@ def test_special_files_are_refused_by_validate(tmp_path, capsys, kind, key):
         text = text.replace("  checkpoint: builtin:tiny-sd15\n", f"  checkpoint: builtin:tiny-sd15\n  vae: {bad}\n")
     elif key == "lora":
         text += f"loras:\n  - path: {bad}\n    weight: 0.5\n"
-    else:
+    elif key == "upscale":
         text += f"upscale:\n  model: {bad}\n  scale: 2\n"
+    else:
+        text += f"hires:\n  scale: 2\n  upscaler: {bad}\n"
     path = tmp_path / "r.yaml"
     path.write_text(text)
     line = one_line_exit_2(capsys, ["validate", str(path)])
