@@ -80,6 +80,14 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
     for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"]), *c.get("embeddings", []), upscaler]:
         if ref and not ref.startswith("builtin:") and not Path(ref).exists():
             raise InputError(f"{path}: the image was rendered with `{ref}`, which is no longer there")
+    # The original's pixels first: a damaged file is one line now, not a traceback after a render.
+    try:
+        with Image.open(path) as im:
+            old = np.asarray(im.convert("RGB"), dtype=np.int16)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: the image is damaged ({' '.join(str(exc).split()) or type(exc).__name__}); "
+                         "its metadata is readable, but there are no pixels to compare; render the job again "
+                         "(delete the file and run `imagegen render` on its recipe)") from None
     engine = (open_engine or default_open)(c["model"], family=prov.get("family") or "auto", vae=c.get("vae"),
                                            device=device, dtype=dtype)
     engine.set_loras([(p, w) for p, w in c["loras"]])
@@ -92,8 +100,6 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
     [result] = engine.generate([request])
     if result.image is None:
         raise InputError(f"{path}: the new render failed: {result.error}")
-    with Image.open(path) as im:
-        old = np.asarray(im.convert("RGB"), dtype=np.int16)
     new = np.asarray(result.image.convert("RGB"), dtype=np.int16)
     if old.shape != new.shape:
         diff_max, diff_mean = 255, 255.0

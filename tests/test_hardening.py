@@ -172,6 +172,19 @@ def piped_run(tmp_path_factory):
     return proc.returncode, folder / "run"
 
 
+def test_reproduce_of_a_truncated_png_is_one_line_before_any_render(piped_run, tmp_path, capsys):
+    from imagegen.cli import run_app
+
+    _, run = piped_run
+    src = sorted((run / "images").glob("*.png"))[0]
+    damaged = tmp_path / src.name
+    data = src.read_bytes()
+    damaged.write_bytes(data[: len(data) - 300])  # text chunks intact, pixel data cut
+    assert run_app(["reproduce", str(damaged)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the image is damaged" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
 def test_closed_stderr_pipe_does_not_kill_a_render(piped_run):
     code, run = piped_run
     assert code == 0
