@@ -118,9 +118,11 @@ def render_with_workers(
     should_stop: Callable[[], str | None] = lambda: None,
     on_refresh: Callable[[], None] | None = None,
     lease: float = LEASE_SECONDS,
+    threads: int | None = None,
 ) -> RenderSummary:
     """Render the recipe's pending jobs with one worker process per entry of `devices`; the
     same summary and events as `render_recipe` (events of one worker carry its name). Raises
+    `threads` sets torch's CPU threads per CPU worker (default: the cores shared out). Raises
     the first worker's ImagegenError when every worker stopped on it with jobs left, and
     ImagegenError when every worker died with jobs left."""
     opts = options or RenderOptions()
@@ -151,7 +153,7 @@ def render_with_workers(
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     cpu_workers = sum(1 for d in devices if d.startswith("cpu"))
-    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+    threads = threads or (max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None)
     pending_ids = [j.id for j in run.pending]
     workers, child_ends = [], []
     for i, device in enumerate(devices):
