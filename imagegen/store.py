@@ -311,13 +311,15 @@ class RunStore:
         c = self._conn
         c.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
         done = {row[0] for row in c.execute("SELECT name FROM _migrations")}
-        for number, (name, sql) in enumerate(MIGRATIONS, 1):
+        for name, sql in MIGRATIONS:
             if name in done:
                 continue
             with self._transaction():
                 for statement in filter(str.strip, sql.split(";")):
                     c.execute(statement)
-                c.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, ?)", (number, name, time.time()))
+                # The id is the next free one, not the step's position: branches that add steps side
+                # by side then never collide on a manifest that already ran one of them.
+                c.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
 
     def close(self) -> None:
         try:
