@@ -65,6 +65,8 @@ def render(
     on_event: Callable[[Event], None] | None = None,
     should_stop: Callable[[], str | None] | None = None,
     adopt: bool = False,
+    workers: int | None = None,
+    gpus: str | None = None,
 ) -> RenderSummary:
     """Render the recipe's pending jobs into its run folder (`output`, default `recipe.output`),
     resuming what an earlier run left, then write the contact sheets (unless `sheets=False`).
@@ -75,7 +77,9 @@ def render(
     generated are still written). Raises RunLockedError when another process renders into the
     folder (unless `wait`), InputError / ModelError for unusable settings or model files,
     DiskFullError when the disk fills (finished images are kept). A folder that is not empty and
-    not a run, or a run of another recipe name (unless `adopt`), is refused with InputError."""
+    not a run, or a run of another recipe name (unless `adopt`), is refused with InputError.
+    `gpus` ("all", "0,2") or `workers` (N processes on `device`) render with several worker
+    processes, as the CLI's `--gpus` / `--workers`."""
     from imagegen.render import RenderOptions, render_recipe
     from imagegen.sheets import write_run_sheets
     from imagegen.store import RunStore
@@ -94,6 +98,12 @@ def render(
             on_event(event)
 
     options = RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed, batch_size=batch_size)
+    if workers is not None or gpus is not None:
+        import functools
+
+        from imagegen.render.workers import render_with_workers, worker_devices
+
+        render_recipe = functools.partial(render_with_workers, devices=worker_devices(workers=workers, gpus=gpus, device=device))
     with RunStore.open(folder, wait=wait, recipe_name=recipe.name, adopt=adopt) as store:
         summary = render_recipe(recipe, store, options=options, on_event=events,
                                 should_stop=should_stop or (lambda: None))

@@ -64,7 +64,35 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
     ),
     ("002_meta", "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"),
     ("003_picks", "CREATE TABLE picks (idx INTEGER PRIMARY KEY, id TEXT, added_at REAL NOT NULL);"),
+    (
+        "005_claims",  # the queue of a run with several workers (`imagegen.render.workers`)
+        """
+        CREATE TABLE claims (
+            id TEXT PRIMARY KEY,
+            idx INTEGER NOT NULL,
+            grp TEXT NOT NULL,
+            queued_at REAL NOT NULL,
+            worker TEXT,
+            lease_until REAL
+        );
+        CREATE INDEX claims_by_worker ON claims (worker);
+        CREATE TABLE workers (
+            name TEXT PRIMARY KEY,
+            pid INTEGER,
+            host TEXT,
+            device TEXT,
+            started_at REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            rendered INTEGER NOT NULL DEFAULT 0,
+            seconds REAL NOT NULL DEFAULT 0,
+            state TEXT NOT NULL DEFAULT 'starting'
+        );
+        """,
+    ),
 )
+# Steps a reader (status, an unlocked open) can do without: a manifest last rendered before
+# them is still read; what they add is reported as absent.
+READ_OPTIONAL_STEPS = frozenset({"005_claims"})
 
 
 class _Transaction:
@@ -335,7 +363,7 @@ class RunStore:
             done = {row[0] for row in self._conn.execute("SELECT name FROM _migrations")}
         except sqlite3.OperationalError:
             done = set()
-        missing = [name for name, _ in MIGRATIONS if name not in done]
+        missing = [name for name, _ in MIGRATIONS if name not in done and name not in READ_OPTIONAL_STEPS]
         if missing:  # a render migrates right after taking the lock: it lost its journal
             holder = _render_holder(self.folder)
             if holder is not None:
@@ -381,13 +409,15 @@ class RunStore:
         c = self._conn
         c.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
         done = {row[0] for row in c.execute("SELECT name FROM _migrations")}
-        for number, (name, sql) in enumerate(MIGRATIONS, 1):
+        for name, sql in MIGRATIONS:
             if name in done:
                 continue
             with self._transaction():
                 for statement in filter(str.strip, sql.split(";")):
                     c.execute(statement)
-                c.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, ?)", (number, name, time.time()))
+                # The id is the next free one, not the step's position: branches that add steps side
+                # by side then never collide on a manifest that already ran one of them.
+                c.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
 
     def close(self) -> None:
         try:
@@ -588,6 +618,7 @@ class RunStore:
         row = self._conn.execute(
             "SELECT idx, id, error FROM jobs WHERE status = 'failed' AND in_plan = 1 ORDER BY finished_at DESC LIMIT 1").fetchone()
         out["last_error"] = {"index": row[0], "id": row[1], "error": row[2]} if row else None
+        out["workers"] = self.workers()
         out["orphans"] = [{"index": r.index, "id": r.id, "file": r.file} for r in self.rows(include_orphans=True) if not r.in_plan]
         return out
 
@@ -610,6 +641,104 @@ class RunStore:
             if problem:
                 bad.append({"index": row.index, "id": row.id, "file": row.file, "problem": problem})
         return bad
+
+    # --- claims: the queue of a run with several workers ---------------------------------------
+    #
+    # The parent queues the run's pending jobs (`queue_jobs`); each worker claims a batch inside
+    # a transaction (`claim`: the rows name the worker and carry a lease it renews), renders it
+    # and releases each job once its image is recorded (`release`). A claim whose lease ran out
+    # (a hung or killed worker) is claimable again; the parent also hands back at once the claims
+    # of a worker it saw die (`unclaim_worker`). A job already done, or failed during this run,
+    # is never handed out again, so no job is rendered twice by live workers.
+
+    def queue_jobs(self, jobs: Sequence[tuple[str, int, str]]) -> None:
+        """Make (job id, index, group) the run's queue, replacing any earlier one."""
+        now = time.time()
+        c = self._conn
+        with self._transaction():
+            c.execute("DELETE FROM claims")
+            c.execute("DELETE FROM workers")
+            c.executemany("INSERT INTO claims (id, idx, grp, queued_at) VALUES (?, ?, ?, ?)",
+                          [(i, idx, grp, now) for i, idx, grp in jobs])
+
+    _CLAIMABLE = ("FROM claims c JOIN jobs j ON j.id = c.id WHERE (c.worker IS NULL OR c.lease_until < ?) "
+                  "AND j.status != 'done' AND NOT (j.status = 'failed' AND j.finished_at >= c.queued_at)")
+
+    def claim(self, worker: str, count: int, *, lease: float, prefer_group: str | None = None) -> list[str]:
+        """Claim up to `count` queued jobs of one group for `worker`, in index order; [] when none
+        is left. The group is `prefer_group` while it has jobs (no model-state switch), else the
+        first group no other worker holds, else the first group with claimable jobs."""
+        now = time.time()
+        c = self._conn
+        with self._transaction():
+            c.execute("DELETE FROM claims WHERE id IN (SELECT id FROM jobs WHERE status = 'done')")
+            groups = [r[0] for r in c.execute(f"SELECT c.grp, MIN(c.idx) AS first {self._CLAIMABLE} GROUP BY c.grp ORDER BY first",
+                                              (now,))]
+            if not groups:
+                return []
+            held = {r[0] for r in c.execute("SELECT DISTINCT grp FROM claims WHERE worker IS NOT NULL AND worker != ? "
+                                            "AND lease_until >= ?", (worker, now))}
+            grp = prefer_group if prefer_group in groups else next((g for g in groups if g not in held), groups[0])
+            ids = [r[0] for r in c.execute(f"SELECT c.id {self._CLAIMABLE} AND c.grp = ? ORDER BY c.idx LIMIT ?",
+                                           (now, grp, max(1, count)))]
+            c.executemany("UPDATE claims SET worker = ?, lease_until = ? WHERE id = ?", [(worker, now + lease, i) for i in ids])
+        return ids
+
+    def renew(self, worker: str, *, lease: float, rendered: int | None = None, seconds: float | None = None,
+              state: str | None = None) -> int:
+        """Extend the leases of `worker`'s claims (its heartbeat) and record its figures; returns
+        how many claims it holds."""
+        now = time.time()
+        c = self._conn
+        with self._transaction():
+            held = c.execute("UPDATE claims SET lease_until = ? WHERE worker = ?", (now + lease, worker)).rowcount
+            c.execute("UPDATE workers SET last_seen = ?, rendered = COALESCE(?, rendered), seconds = COALESCE(?, seconds), "
+                      "state = COALESCE(?, state) WHERE name = ?", (now, rendered, seconds, state, worker))
+        return held
+
+    def release(self, job_ids: Iterable[str], worker: str) -> None:
+        """Jobs `worker` finished (done or failed): out of the queue."""
+        with self._transaction():
+            self._conn.executemany("DELETE FROM claims WHERE id = ? AND worker = ?", [(i, worker) for i in job_ids])
+
+    def unclaim_worker(self, worker: str) -> int:
+        """Give the jobs `worker` holds back to the queue (it died or stopped); returns how many."""
+        with self._transaction():
+            return self._conn.execute("UPDATE claims SET worker = NULL, lease_until = NULL WHERE worker = ?", (worker,)).rowcount
+
+    def queued(self) -> dict[str, int]:
+        """The queue now: {'waiting': unclaimed or expired, 'claimed': under a live lease} (jobs
+        not done nor failed during this run)."""
+        now = time.time()
+        waiting = self._conn.execute(f"SELECT COUNT(*) {self._CLAIMABLE}", (now,)).fetchone()[0]
+        claimed = self._conn.execute(
+            "SELECT COUNT(*) FROM claims c JOIN jobs j ON j.id = c.id WHERE c.worker IS NOT NULL AND c.lease_until >= ? "
+            "AND j.status != 'done' AND NOT (j.status = 'failed' AND j.finished_at >= c.queued_at)", (now,)).fetchone()[0]
+        return {"waiting": waiting, "claimed": claimed}
+
+    def clear_queue(self) -> None:
+        with self._transaction():
+            self._conn.execute("DELETE FROM claims")
+
+    def register_worker(self, name: str, *, pid: int, device: str) -> None:
+        now = time.time()
+        self._write("INSERT INTO workers (name, pid, host, device, started_at, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET pid = excluded.pid, device = excluded.device, last_seen = excluded.last_seen",
+                    (name, pid, socket.gethostname(), device, now, now))
+
+    def set_worker_state(self, name: str, state: str) -> None:
+        self._write("UPDATE workers SET state = ? WHERE name = ?", (state, name))
+
+    def workers(self) -> list[dict]:
+        """The workers of the last run with several: name, device, state, rendered, rate (img/s
+        of render time), last_seen. [] for a manifest from before workers (or a one-worker run)."""
+        try:
+            rows = self._conn.execute("SELECT * FROM workers ORDER BY name").fetchall()
+        except sqlite3.OperationalError:
+            return []
+        return [{"name": r["name"], "pid": r["pid"], "host": r["host"], "device": r["device"], "state": r["state"],
+                 "rendered": r["rendered"], "rate": r["rendered"] / r["seconds"] if r["seconds"] > 0 else None,
+                 "last_seen": r["last_seen"]} for r in rows]
 
     # --- picks --------------------------------------------------------------------------------
 

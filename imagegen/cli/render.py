@@ -101,8 +101,9 @@ class Reporter:
             self.line(f"{event['recipe']}: {event['planned']} jobs, {event['done']} done, {self.total} to render"
                       + (f"; {'; '.join(extra)}" if extra else ""))
         elif kind == "loaded":
+            workers = f" ({event['workers']} workers; first loaded)" if event.get("workers") else ""
             self.line(f"model {event['model']} ({event['family']}) on {event['device']} {event['dtype']}, "
-                      f"batch {event['batch_size']}, loaded in {event['seconds']:.1f}s")
+                      f"batch {event['batch_size']}, loaded in {event['seconds']:.1f}s{workers}")
             self.t0 = time.monotonic()
             if self.mode == "bar" and self.total:
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -127,8 +128,10 @@ class Reporter:
                 left = self.total - finished
                 self.line(f"{finished}/{self.total} ({self.failed} failed), {rate:.2f} img/s, "
                           f"ETA {_fmt_eta(left / rate if rate else None)}")
-        elif kind == "device_wait":
+        elif kind in ("device_wait", "worker_lost"):
             self.line(event["message"])
+        elif kind == "worker_exit" and event.get("error"):
+            self.line(f"worker {event['worker']} stopped: {event['error']}")
         elif kind == "oom":
             if not self.oom_said:  # said once; further halvings are in log.jsonl and the summary
                 self.oom_said = True
@@ -225,6 +228,8 @@ def render(
     no_sheet: bool = typer.Option(False, "--no-sheet", help="Do not write contact sheets at the end."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Allow hub ids (network access)."),
     adopt: bool = typer.Option(False, "--adopt", help="Render into a run folder that belongs to another recipe name, making it this recipe's (its jobs become orphans, its picks comments)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render with N worker processes on --device (e.g. --workers 2 --device cpu)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker process per GPU: `all` or indices such as 0,2."),
 ) -> None:
     """Render recipes into their run folders; resumable, one GPU run per folder at a time."""
     from imagegen.recipe import load_recipe
@@ -232,10 +237,15 @@ def render(
 
     if output is not None and len(recipes) > 1:
         raise InputError("`--output` takes one recipe; each recipe has its own `output:`")
-    _check_device_dtype(device, dtype)
+    devices = None
+    if workers is not None or gpus is not None:
+        from imagegen.render.workers import worker_devices
+
+        devices = worker_devices(workers=workers, gpus=gpus, device=device)
+    _check_device_dtype(device if devices is None else devices[0], dtype)
     resume_cmd = "imagegen " + shlex.join(["render", *map(str, recipes), *_resume_options(
         device=device, dtype=dtype, batch_size=batch_size, retry_failed=retry_failed, wait=wait, fail_fast=fail_fast,
-        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt)])
+        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt, workers=workers, gpus=gpus)])
     invalid = 0
     failed_jobs = 0
     with StopFlag() as stop, _aborted_says_how_to_resume(resume_cmd):
@@ -246,7 +256,7 @@ def render(
                 if dry_run:
                     _dry_run(recipe, folder, limit, retry_failed)
                     continue
-                summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet, adopt=adopt,
+                summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet, adopt=adopt, devices=devices,
                                       options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
                                                             batch_size=batch_size, allow_download=allow_download,
                                                             wait_device=wait))
@@ -286,9 +296,17 @@ def _aborted_says_how_to_resume(resume_cmd: str) -> Iterator[None]:
 
 
 def _render_one(recipe: Any, folder: Path, stop: "StopFlag", *, as_json: bool, wait: bool, no_sheet: bool, options: Any,
-                adopt: bool = False) -> Any:
-    """Render one recipe into its locked run folder, then refresh its contact sheets."""
+                adopt: bool = False, devices: list[str] | None = None) -> Any:
+    """Render one recipe into its locked run folder (with `devices`: one worker process each),
+    then refresh its contact sheets."""
     from imagegen.render import render_recipe
+
+    if devices is not None:
+        import functools
+
+        from imagegen.render.workers import render_with_workers
+
+        render_recipe = functools.partial(render_with_workers, devices=devices)
     from imagegen.store import RunStore
 
     reporter = Reporter.choose(as_json)
@@ -360,6 +378,9 @@ def status(
         if s["last_error"]:
             e = s["last_error"]
             typer.echo(f"  last error: job {e['index']} ({e['id']}): {e['error']}")
+        for w in s.get("workers", ()):
+            wrate = f"{w['rate']:.2f} img/s" if w["rate"] else "n/a"
+            typer.echo(f"  worker {w['name']} ({w['device']}, pid {w['pid']}): {w['state']}, {w['rendered']} rendered, {wrate}")
         for o in s["orphans"][:10]:
             typer.echo(f"  orphaned (no longer in the recipe, kept): {o['id']} {o['file'] or '(no image)'}")
         if len(s["orphans"]) > 10:
