@@ -184,3 +184,162 @@ def test_tile_plan_counts_cached_blocks_as_free(tmp_path, monkeypatch):
     assert choose_config(up, 1536, 1024, None) == first
     state.update(free=0, reserved=7 * gib)
     assert choose_config(up, 1536, 1024, None) == first
+
+
+# ---------------------------------------------------------------------------------------------
+# The render loop: OOM policy per size, failure streaks, sticky errors, LoRA fusing
+
+
+def _render_with_hook(tmp_path, hook, *, extra="", text=None, batch_size=None, patch=None):
+    """Render the test recipe with `hook` as a forward pre-hook on the real engine's UNet."""
+    from test_render import write_recipe
+    from imagegen.recipe import load_recipe
+    from imagegen.render import RenderOptions, render_recipe
+    from imagegen.store import RunStore
+
+    events = []
+
+    def opener(*a, **k):
+        eng = open_engine(*a, **k)
+        eng.pipeline.unet.register_forward_pre_hook(hook)
+        if patch:
+            patch(eng)
+        return eng
+
+    recipe = load_recipe(write_recipe(tmp_path, extra=extra, text=text))
+    store = RunStore.open(tmp_path / "run")
+    try:
+        try:
+            summary = render_recipe(recipe, store, on_event=events.append, open_engine=opener,
+                                    options=RenderOptions(batch_size=batch_size))
+        except Exception as exc:  # returned for the test to look at
+            summary = exc
+        return summary, store.counts(), events
+    finally:
+        store.close()
+
+
+def test_oom_halves_only_the_size_that_ran_out(tmp_path):
+    from test_render import RECIPE
+
+    seen = []
+
+    def hook(module, args):
+        sample = args[0]
+        seen.append((sample.shape[-1] * 8, sample.shape[0] // 2))  # (side, images): CFG doubles the batch
+        if sample.shape[-1] == 9 and sample.shape[0] > 2:  # 72 px: only one image fits
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    text = RECIPE.replace("size: 64x64", "size: [72x72, 64x64]")
+    s, counts, events = _render_with_hook(tmp_path, hook, text=text)
+    assert counts["done"] == 12 and s.failed == 0
+    assert [e["size"] for e in events if e["event"] == "oom"] == ["72x72", "72x72"]
+    assert max(n for side, n in seen if side == 64) == 4  # the 64 px batches kept the recipe's batch size
+    assert sorted({n for side, n in seen if side == 72}) == [1, 2, 4]
+
+
+def test_oom_policy_per_size_and_a_single_job_fails_at_once(tmp_path):
+    from test_render import RECIPE, write_recipe
+    from imagegen.plan import plan
+    from imagegen.recipe import load_recipe
+    from imagegen.render.batching import GROW_AFTER, Batches
+
+    jobs = plan(load_recipe(write_recipe(tmp_path, text=RECIPE.replace("seeds: [11, 12, 13]", "seeds: [1, 2, 3, 4, 5, 6, 7, 8, 9]"))))
+    b = Batches(jobs[:1], 4)
+    one = b.next()
+    assert len(one) == 1 and b.out_of_memory(one) is False  # nothing smaller to try: no pointless retries
+    b = Batches(jobs * 40, 4)
+    first = b.next()
+    assert b.out_of_memory(first) and b.batch_size == 2
+    assert b.out_of_memory(b.next()) and b.batch_size == 1
+    for _ in range(GROW_AFTER):
+        b.succeeded(b.next())
+    assert len(b.next()) == 2  # memory came back: one try at twice the size
+    b2 = b.next()
+    assert b.out_of_memory(b2) and b.batch_size == 1
+    for _ in range(3 * GROW_AFTER):
+        b.succeeded(b.next())
+    assert len(b.next()) == 1  # that size failed after growing: it holds
+
+
+def test_failed_batches_in_a_row_stop_the_render_with_jobs_pending(tmp_path):
+    from imagegen.render.batching import MAX_FAILED_BATCHES, RenderStopped
+
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx`")
+
+    err, counts, events = _render_with_hook(tmp_path, hook, batch_size=1)
+    assert isinstance(err, RenderStopped) and err.exit_code == 1
+    assert f"{MAX_FAILED_BATCHES} batches in a row failed" in err.message and "resume" in err.message
+    assert "\n" not in err.message
+    assert len(calls) == MAX_FAILED_BATCHES  # not one attempt per job
+    assert counts["pending"] == 6 and counts["failed"] == 0  # the next run takes them up again
+    finish = [e for e in events if e["event"] == "finish"][-1]
+    assert finish["left"] == 6 and finish["interrupted"] == "repeated failures"
+
+
+def test_a_good_batch_releases_held_failures_as_ordinary_ones(tmp_path):
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) <= 2:  # two batches fail at their first step, then all goes well
+            raise RuntimeError("boom")
+
+    s, counts, _ = _render_with_hook(tmp_path, hook, batch_size=1)
+    assert (s.rendered, s.failed) == (4, 2) and counts["failed"] == 2
+
+
+def test_sticky_cuda_error_stops_at_once(tmp_path):
+    from imagegen.render.batching import RenderStopped
+
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) > 3:  # the first batch (3 steps) renders
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    err, counts, _ = _render_with_hook(tmp_path, hook, batch_size=2)
+    assert isinstance(err, RenderStopped) and "illegal memory access" in err.message
+    assert len(calls) == 4 and counts["done"] == 2 and counts["pending"] == 4 and counts["failed"] == 0
+
+
+def test_oom_while_fusing_loras_fails_that_batch_not_the_run(tmp_path):
+    from engine_fixtures import make_tiny_lora
+
+    make_tiny_lora(tmp_path / "style.safetensors", "sd15", seed=3)
+
+    def patch(eng):
+        original = eng.pipeline.fuse_lora
+        state = {"n": 0}
+
+        def fuse(*a, **k):
+            state["n"] += 1
+            if state["n"] == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory while fusing")
+            return original(*a, **k)
+
+        eng.pipeline.fuse_lora = fuse
+
+    s, counts, events = _render_with_hook(tmp_path, lambda m, a: None, patch=patch,
+                                          extra="loras:\n  - {path: style.safetensors, weight: 0.8}\n")
+    assert (s.rendered, s.failed) == (2, 4)
+    assert all("applying LoRAs: out of memory" in e["error"] for e in events if e["event"] == "failed")
+
+
+def test_device_index_beyond_the_machine_is_an_input_error(monkeypatch, capsys):
+    from imagegen.cli import run_app
+    from imagegen.devices import resolve_device
+    from imagegen.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(InputError, match=r"has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:2")
+    assert run_app(["render", "no-such-recipe.yaml", "--device", "cuda:7"]) == 2
+    assert "cuda:7" in capsys.readouterr().err

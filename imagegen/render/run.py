@@ -16,7 +16,7 @@ from imagegen.errors import ImagegenError, disk_full, is_disk_full
 from imagegen.metadata import stoppable
 from imagegen.plan import Job
 from imagegen.recipe import Recipe
-from imagegen.render.batching import Batches
+from imagegen.render.batching import Batches, FailureStreak, RenderStopped
 from imagegen.render.prepare import prepare_run
 from imagegen.render.writer import ImageWriter, file_hashes, job_parameters, job_provenance
 from imagegen.store import RunStore
@@ -104,6 +104,8 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         return summary
 
     # 2. Check every file before loading anything heavy, then load the model once.
+    from imagegen.engine import EngineDeviceError
+
     with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
         engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
     batches = Batches(run.pending, opts.batch_size or recipe.batch_size)
@@ -138,6 +140,8 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             emit_progress()
 
     stop_reason: str | None = None
+    stopped: RenderStopped | None = None  # the device or the model keeps failing
+    streak = FailureStreak()
     scheduler_configs: dict[str, dict] = {}
     current_key = None
     try:
@@ -146,13 +150,34 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             if stop_reason or writer.full_disk:
                 break
             batch = batches.next()
-            if batch[0].group_key != current_key:
-                engine.set_loras([(lu.path, lu.weight) for lu in batch[0].loras])
-                current_key = batch[0].group_key
+            held: list[tuple] = []
             harvest(block=False)  # writes of the last batch that finished meanwhile count before the next one
-            submitted = _render_batch(batch, recipe, engine, hashes, batches, writer, fail, emit, scheduler_configs)
+            try:
+                if batch[0].group_key != current_key:
+                    current_key = None
+                    if _switch_loras(engine, batch, held):
+                        current_key = batch[0].group_key
+                submitted = (_render_batch(batch, recipe, engine, hashes, batches, writer, lambda *f: held.append(f), emit,
+                                           scheduler_configs) if current_key is not None else 0)
+            except EngineDeviceError as exc:
+                batches.queue.extendleft(reversed(batch))  # not attempted to the end: still pending
+                stopped, stop_reason = RenderStopped(f"render stopped: {exc.message}"), "a device error"
+                break
             if submitted is None:
                 continue
+            if submitted == 0 and held and streak.failed(held):
+                batches.queue.extendleft(reversed(batch))
+                for failure in streak.held[: -len(held)]:
+                    batches.queue.appendleft(failure[0])  # the whole streak stays pending
+                stopped = RenderStopped(f"render stopped: {streak.batches} batches in a row failed "
+                                        f"(last: {streak.last_error[:300]})")
+                streak.release()
+                stop_reason = "repeated failures"
+                break
+            if submitted or not held:
+                batches.succeeded(batch)
+                for failure in streak.release() + held:
+                    fail(*failure)
             if not submitted:
                 emit_progress()  # a batch of failures moves the count too
             harvest(block=False)
@@ -166,6 +191,8 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         summary.interrupted, summary.aborted = "SIGINT", True
         raise
     finally:
+        for failure in streak.release():  # a streak shorter than the limit: ordinary failures
+            fail(*failure)
         try:
             harvest(block=True)
         finally:
@@ -180,7 +207,28 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
     emit({"event": "finish", **_summary_event(summary)})
     if writer.full_disk:
         raise disk_full(store.folder, f"{summary.rendered} images finished and kept, {summary.left} left")
+    if stopped is not None:
+        raise RenderStopped(f"{stopped.message}; {summary.rendered} images finished, {summary.left} left pending; "
+                            "fix the cause and run the same command again to resume")
     return summary
+
+
+def _switch_loras(engine: Any, batch: list[Job], held: list[tuple]) -> bool:
+    """Fuse the batch's LoRA set; False (with the batch's jobs in `held` as failed) when the
+    device fails while fusing. ModelError and sticky device errors propagate."""
+    from imagegen.engine import EngineOOM
+
+    try:
+        engine.set_loras([(lu.path, lu.weight) for lu in batch[0].loras])
+        return True
+    except ImagegenError as exc:
+        if not isinstance(exc, EngineOOM):
+            raise
+        error = exc.message
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+    held.extend((j, f"applying LoRAs: {error}", None) for j in batch)
+    return False
 
 
 def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callable[[Event], None],
@@ -216,9 +264,9 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
 def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[str, str | None], batches: Batches,
                   writer: ImageWriter, fail: Callable[[Job, str, float | None], None], emit: Callable[[Event], None],
                   scheduler_configs: dict[str, dict]) -> int | None:
-    """Generate one batch and queue its images for writing; returns how many were queued. None
-    when nothing was generated (out of memory: halved and queued again, or failed at batch
-    size 1; or the batch raised)."""
+    """Generate one batch and queue its images for writing; returns how many were queued (0 when
+    the batch failed: its failures went to `fail`). None when out of memory halved the batch
+    size and queued the batch again."""
     from imagegen.engine import EngineOOM, GenRequest, HiresRequest
 
     hr = batch[0].hires  # one group key: every job of the batch has the same second pass
@@ -230,18 +278,19 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
         results = engine.generate(requests)
     except EngineOOM:
         if batches.out_of_memory(batch):
-            emit({"event": "oom", "batch_size": batches.batch_size,
-                  "message": f"CUDA out of memory: batch size halved to {batches.batch_size}"})
+            emit({"event": "oom", "batch_size": batches.batch_size, "size": f"{batch[0].width}x{batch[0].height}",
+                  "message": f"out of memory: batch size at {batch[0].width}x{batch[0].height} halved to {batches.batch_size}"})
         else:
             for j in batch:
-                fail(j, "CUDA out of memory at batch size 1", None)
+                fail(j, "out of memory at batch size 1", None)
+            return 0
         return None
-    except ImagegenError:
+    except (ImagegenError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # one bad batch does not stop the run
+    except Exception as exc:  # one bad batch does not stop the run (a few in a row do: the caller)
         for j in batch:
             fail(j, f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}", None)
-        return None
+        return 0
     per_image = (time.monotonic() - t0) / len(batch)
     submitted = 0
     for job, result in zip(batch, results):
