@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from imagegen.errors import ImagegenError, disk_full, is_disk_full
+from imagegen.errors import ImagegenError, InputError, disk_full, is_disk_full
 from imagegen.metadata import stoppable
 from imagegen.plan import Job
 from imagegen.recipe import Recipe
 from imagegen.render.batching import Batches, FailureStreak, RenderStopped
+from imagegen.render.budget import Budget, BudgetCheck
 from imagegen.render.prepare import prepare_run
 from imagegen.render.writer import ImageWriter, file_hashes, job_parameters, job_provenance
 from imagegen.store import RunStore
@@ -34,6 +35,7 @@ class RenderOptions:
     allow_download: bool = False
     refresh_every: float = 600.0  # seconds between `on_refresh` calls during a long render
     wait_device: bool = False  # wait for another imagegen rendering on the same GPU instead of refusing
+    budget: Budget | None = None  # stop before the next batch would pass it (render/budget.py)
 
 
 @dataclass
@@ -50,6 +52,8 @@ class RenderSummary:
     aborted: bool = False  # a second Ctrl-C: stopped at once, the batch being generated was dropped
     batch_size: int = 0
     failures: list[tuple[int, str]] = field(default_factory=list)
+    joules: float | None = None  # measured energy of this render's batches; None = not measured
+    budget_reached: str | None = None  # why the render stopped before its last batch
 
     @property
     def images_per_second(self) -> float:
@@ -104,10 +108,16 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         return summary
 
     # 2. Check every file before loading anything heavy, then load the model once.
+    from imagegen.energy import meter_for
     from imagegen.engine import EngineDeviceError
 
     with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
         engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
+    meter = meter_for(engine.device)
+    check = BudgetCheck(opts.budget or Budget())
+    if check.budget.max_joules is not None and not meter.measured:
+        raise InputError(f"`--max-kwh`: the energy of {engine.device} is not measured here (no NVML energy counter or "
+                         "readable RAPL); use --max-hours or --until")
     batches = Batches(run.pending, opts.batch_size or recipe.batch_size)
     emit({"event": "loaded", "model": engine.model_name, "family": engine.family, "device": engine.device, "dtype": engine.dtype,
           "seconds": round(time.monotonic() - started, 2), "batch_size": batches.batch_size})
@@ -149,6 +159,9 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             stop_reason = should_stop()
             if stop_reason or writer.full_disk:
                 break
+            summary.budget_reached = check.stop_reason(batches.size_for(batches.queue[0]))
+            if summary.budget_reached:
+                break
             batch = batches.next()
             held: list[tuple] = []
             harvest(block=False)  # writes of the last batch that finished meanwhile count before the next one
@@ -158,7 +171,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
                     if _switch_loras(engine, batch, held):
                         current_key = batch[0].group_key
                 submitted = (_render_batch(batch, recipe, engine, hashes, batches, writer, lambda *f: held.append(f), emit,
-                                           scheduler_configs) if current_key is not None else 0)
+                                           scheduler_configs, meter, check.tally) if current_key is not None else 0)
             except EngineDeviceError as exc:
                 batches.queue.extendleft(reversed(batch))  # not attempted to the end: still pending
                 stopped, stop_reason = RenderStopped(f"render stopped: {exc.message}"), "a device error"
@@ -200,6 +213,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             summary.left += writer.left
             summary.seconds = time.monotonic() - render_start
             summary.batch_size = batches.batch_size
+            summary.joules = check.tally.joules if meter.measured and check.tally.batches else None
             if summary.aborted:
                 summary.left = to_render - summary.rendered - summary.failed
                 emit({"event": "finish", **_summary_event(summary)})
@@ -263,7 +277,7 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
 
 def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[str, str | None], batches: Batches,
                   writer: ImageWriter, fail: Callable[[Job, str, float | None], None], emit: Callable[[Event], None],
-                  scheduler_configs: dict[str, dict]) -> int | None:
+                  scheduler_configs: dict[str, dict], meter: Any, tally: Any) -> int | None:
     """Generate one batch and queue its images for writing; returns how many were queued (0 when
     the batch failed: its failures went to `fail`). None when out of memory halved the batch
     size and queued the batch again."""
@@ -273,7 +287,10 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
     hires = HiresRequest.from_content(hr.content(), keep_first=hr.keep_first) if hr else None
     requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip,
                            j.prompt_syntax, j.emphasis, hires=hires) for j in batch]
-    t0 = time.monotonic()
+    from imagegen.energy import Span
+    from imagegen.render.writer import energy_record
+
+    span = Span(meter).start()
     try:
         results = engine.generate(requests)
     except EngineOOM:
@@ -291,7 +308,11 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
         for j in batch:
             fail(j, f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}", None)
         return 0
-    per_image = (time.monotonic() - t0) / len(batch)
+    span.stop()
+    tally.add(len(batch), span.seconds, span.joules)
+    per_image = span.seconds / len(batch)
+    joules = span.joules / len(batch) if span.joules is not None else None
+    energy = energy_record(joules, meter.source)
     submitted = 0
     for job, result in zip(batch, results):
         if result.error or result.image is None:
@@ -302,9 +323,9 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
                 scheduler_configs[name] = engine.scheduler_config(name)
         params = job_parameters(job, hashes, engine.model_name)
         prov = job_provenance(job, recipe, hashes, engine, per_image, scheduler_configs[job.scheduler],
-                              scheduler_configs[job.hires.scheduler] if job.hires else None)
+                              scheduler_configs[job.hires.scheduler] if job.hires else None, energy=energy)
         first = (result.first, job_parameters(job, hashes, engine.model_name, first_pass=True)) if result.first is not None else None
-        writer.submit(job, result.image, params, prov, per_image, first=first)
+        writer.submit(job, result.image, params, prov, per_image, first=first, joules=joules)
         submitted += 1
     return submitted
 
@@ -312,4 +333,7 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
 def _summary_event(s: RenderSummary) -> Event:
     return {"recipe": s.recipe, "folder": s.folder, "planned": s.planned, "already_done": s.already_done, "rendered": s.rendered,
             "failed": s.failed, "left": s.left, "seconds": round(s.seconds, 2), "images_per_second": round(s.images_per_second, 3),
-            "interrupted": s.interrupted, "aborted": s.aborted, "batch_size": s.batch_size}
+            "interrupted": s.interrupted, "aborted": s.aborted, "batch_size": s.batch_size,
+            "kwh": None if s.joules is None else round(s.joules / 3.6e6, 6),
+            "wh_per_image": None if s.joules is None or not s.rendered else round(s.joules / s.rendered / 3600.0, 4),
+            "budget_reached": s.budget_reached}
