@@ -3,6 +3,7 @@ energy budgets, on the tiny real model. A test meter stands in for NVML/RAPL (ab
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 
@@ -113,3 +114,42 @@ def test_energy_budget_stops_the_queue_with_exit_0(tmp_path, hundred_watts, caps
     assert "budget reached" in err and "to resume: imagegen render" in err and "--max-kwh" in err
     with RunStore.open(tmp_path / "run", create=False, lock=False) as store:
         assert store.counts()["done"] == 2 and store.counts()["pending"] == 4
+
+
+def test_plan_estimates_from_this_machines_history(tmp_path, monkeypatch, hundred_watts, capsys):
+    from imagegen import history
+
+    path = write_recipe(tmp_path)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    rates = json.loads(history.history_file().read_text())["rates"]
+    key = [k for k in rates if json.loads(k)[1:] == ["builtin:tiny-sd15", 64, 64, 3, "cpu"]]
+    assert key and rates[key[0]]["images"] >= 6 and rates[key[0]]["joule_images"] >= 6
+    capsys.readouterr()
+    assert run_app(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "estimate: ~" in out and "kWh" in out and "from earlier runs on this machine (cpu)" in out
+    # another machine's cache (or none): says there is no history
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "empty-cache"))
+    assert run_app(["plan", str(path)]) == 0
+    assert "no render history on this machine for builtin:tiny-sd15 64x64 3 steps" in capsys.readouterr().out
+
+
+def test_history_merges_and_fades(tmp_path):
+    from imagegen.history import KEEP_IMAGES, RateLog, estimate
+    from imagegen.plan import plan
+
+    jobs = plan(load_recipe(write_recipe(tmp_path)))
+    f = tmp_path / "h.json"
+    log = RateLog("cuda", f)
+    log.add("builtin:tiny-sd15", 64, 64, 3, 4, 2.0, None)
+    log.save()
+    e = estimate(jobs, f)
+    assert (e.known, e.jobs, e.joules) == (6, 6, None) and e.seconds == pytest.approx(3.0)
+    assert "energy not measured" in e.describe()
+    log.add("builtin:tiny-sd15", 64, 64, 3, KEEP_IMAGES * 2, 1000.0 * KEEP_IMAGES, 10.0)
+    log.save()
+    data = json.loads(f.read_text())["rates"]
+    (entry,) = data.values()
+    assert entry["images"] <= KEEP_IMAGES
+    f.write_text("not json")
+    assert estimate(jobs, f).known == 0  # an unreadable file is no history, never an error

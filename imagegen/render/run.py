@@ -113,8 +113,17 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
 
     with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
         engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
+    from imagegen.history import RateLog, job_model
+
     meter = meter_for(engine.device)
+    rates = RateLog(engine.device)  # what each size took, for `plan` estimates of later runs
     check = BudgetCheck(opts.budget or Budget())
+
+    def measured(batch: list[Job], seconds: float, joules: float | None) -> None:
+        check.tally.add(len(batch), seconds, joules)
+        j = batch[0]
+        rates.add(job_model(j), j.width, j.height, j.steps, len(batch), seconds, joules)
+
     if check.budget.max_joules is not None and not meter.measured:
         raise InputError(f"`--max-kwh`: the energy of {engine.device} is not measured here (no NVML energy counter or "
                          "readable RAPL); use --max-hours or --until")
@@ -171,7 +180,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
                     if _switch_loras(engine, batch, held):
                         current_key = batch[0].group_key
                 submitted = (_render_batch(batch, recipe, engine, hashes, batches, writer, lambda *f: held.append(f), emit,
-                                           scheduler_configs, meter, check.tally) if current_key is not None else 0)
+                                           scheduler_configs, meter, measured) if current_key is not None else 0)
             except EngineDeviceError as exc:
                 batches.queue.extendleft(reversed(batch))  # not attempted to the end: still pending
                 stopped, stop_reason = RenderStopped(f"render stopped: {exc.message}"), "a device error"
@@ -214,6 +223,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             summary.seconds = time.monotonic() - render_start
             summary.batch_size = batches.batch_size
             summary.joules = check.tally.joules if meter.measured and check.tally.batches else None
+            rates.save()
             if summary.aborted:
                 summary.left = to_render - summary.rendered - summary.failed
                 emit({"event": "finish", **_summary_event(summary)})
@@ -277,7 +287,8 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
 
 def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[str, str | None], batches: Batches,
                   writer: ImageWriter, fail: Callable[[Job, str, float | None], None], emit: Callable[[Event], None],
-                  scheduler_configs: dict[str, dict], meter: Any, tally: Any) -> int | None:
+                  scheduler_configs: dict[str, dict], meter: Any,
+                  measured: Callable[[list[Job], float, float | None], None]) -> int | None:
     """Generate one batch and queue its images for writing; returns how many were queued (0 when
     the batch failed: its failures went to `fail`). None when out of memory halved the batch
     size and queued the batch again."""
@@ -309,7 +320,7 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
             fail(j, f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}", None)
         return 0
     span.stop()
-    tally.add(len(batch), span.seconds, span.joules)
+    measured(batch, span.seconds, span.joules)
     per_image = span.seconds / len(batch)
     joules = span.joules / len(batch) if span.joules is not None else None
     energy = energy_record(joules, meter.source)
