@@ -68,6 +68,7 @@ def render(
     until: str | None = None,
     max_hours: float | None = None,
     max_kwh: float | None = None,
+    compile: bool = False,
 ) -> RenderSummary:
     """Render the recipe's pending jobs into its run folder (`output`, default `recipe.output`),
     resuming what an earlier run left, then write the contact sheets (unless `sheets=False`).
@@ -76,7 +77,8 @@ def render(
     renders); `on_event(event)` receives every event dict that `log.jsonl` records;
     `should_stop()` returning a reason stops after the current batch (the images already
     generated are still written). `until` ("07:00"), `max_hours` and `max_kwh` stop the render
-    before a batch would pass them (`summary.budget_reached` says why). Raises RunLockedError when another process renders into the
+    before a batch would pass them (`summary.budget_reached` says why); `compile` runs the UNet
+    and VAE decoder through torch.compile. Raises RunLockedError when another process renders into the
     folder (unless `wait`), InputError / ModelError for unusable settings or model files,
     DiskFullError when the disk fills (finished images are kept). A folder that is not empty and
     not a run, or a run of another recipe name (unless `adopt`), is refused with InputError."""
@@ -101,7 +103,7 @@ def render(
 
     budget = Budget.from_options(until=until, max_hours=max_hours, max_kwh=max_kwh)
     options = RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed, batch_size=batch_size,
-                            budget=budget)
+                            budget=budget, compile=compile)
     with RunStore.open(folder, wait=wait, recipe_name=recipe.name, adopt=adopt) as store:
         summary = render_recipe(recipe, store, options=options, on_event=events,
                                 should_stop=should_stop or (lambda: None))

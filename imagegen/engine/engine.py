@@ -103,6 +103,7 @@ class Engine:
         self._lora_stamps: tuple = ()  # (size, mtime) of each fused file: a rewritten file is reloaded
         self._backup: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._prompt_cache: dict[tuple, tuple] = {}
+        self.compiled = False  # torch.compile'd UNet and VAE decoder (see `compile`)
         self._text_state = None  # textual-inversion embeddings (engine/text.py TextState)
         self._img2img: Any = None  # the img2img pipeline over the same components (hires pass)
         self._hires_upscalers: dict[str, Any] = {}  # Real-ESRGAN weight file -> loaded Upscaler
@@ -127,6 +128,28 @@ class Engine:
 
             up = self._hires_upscalers[path] = load_upscaler(path, device=self.device)
         return up
+
+    # -- compilation --------------------------------------------------------------------------
+
+    def compile(self) -> None:
+        """torch.compile the UNet and the VAE decoder in place, with static shapes and
+        channels_last memory. The first batch of each shape pays for compiling. LoRA sets are
+        then fused and their adapters unloaded (the module structure never changes, so
+        switching sets does not recompile; the exact weight backup restores the originals)."""
+        import torch
+
+        if self.compiled:
+            return
+        pipe = self.pipeline
+        # Parameters are guarded on requires_grad, which peft turns off when it loads a LoRA:
+        # off from the start, so loading one never invalidates the graphs.
+        pipe.unet.requires_grad_(False).to(memory_format=torch.channels_last)
+        pipe.unet.compile(dynamic=False)
+        vae = getattr(pipe, "vae", None)
+        if vae is not None:
+            vae.requires_grad_(False).to(memory_format=torch.channels_last)
+            vae.decoder.compile(dynamic=False)
+        self.compiled = True
 
     # -- schedulers --------------------------------------------------------------------------
 
@@ -190,6 +213,8 @@ class Engine:
             pipe.set_adapters(names, adapter_weights=[w for _, w in want])
             self._backup_lora_targets()
             pipe.fuse_lora(components=[n for n, _ in self._lora_models()], adapter_names=names)
+            if self.compiled:  # plain modules again, fused weights kept: the compiled graphs stay valid
+                pipe.unload_lora_weights()
         except BaseException as e:
             failure = _device_failure(e, f"fusing {len(want)} LoRA(s) on {self.device}")
             if failure is None:
@@ -238,7 +263,7 @@ class Engine:
         pipe = self.pipeline
         if self._loras or self._backup or getattr(pipe, "_merged_adapters", None):
             comps = [n for n, _ in self._lora_models()]
-            if getattr(pipe, "_merged_adapters", None):
+            if getattr(pipe, "_merged_adapters", None) and not self.compiled:  # compiled: adapters already unloaded
                 pipe.unfuse_lora(components=comps)
             pipe.unload_lora_weights()
             models = dict(self._lora_models())

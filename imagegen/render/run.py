@@ -36,6 +36,7 @@ class RenderOptions:
     refresh_every: float = 600.0  # seconds between `on_refresh` calls during a long render
     wait_device: bool = False  # wait for another imagegen rendering on the same GPU instead of refusing
     budget: Budget | None = None  # stop before the next batch would pass it (render/budget.py)
+    compile: bool = False  # torch.compile the UNet and VAE decoder (Engine.compile)
 
 
 @dataclass
@@ -115,6 +116,8 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
     from imagegen.history import RateLog, job_model
 
+    if opts.compile:
+        engine.compile()
     meter = meter_for(engine.device)
     rates = RateLog(engine.device)  # what each size took, for `plan` estimates of later runs
     check = BudgetCheck(opts.budget or Budget())

@@ -108,6 +108,7 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
         "versions": library_versions(),
         "device": engine.device,
         "dtype": engine.dtype,
+        "compiled": bool(getattr(engine, "compiled", False)),
         "seconds": round(seconds, 4),
         "energy": energy if energy is not None else energy_record(None, "none"),
         "rendered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
