@@ -111,14 +111,13 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
     # 2. Check every file before loading anything heavy, then load the model once.
     from imagegen.energy import meter_for
     from imagegen.engine import EngineDeviceError
+    from imagegen.history import RateLog, job_model
 
     with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
         engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
-    from imagegen.history import RateLog, job_model
-
     if opts.compile:
         engine.compile()
-    meter = meter_for(engine.device)
+    meter = meter_for(engine.device)  # joules around each batch, or "not measured"
     rates = RateLog(engine.device)  # what each size took, for `plan` estimates of later runs
     check = BudgetCheck(opts.budget or Budget())
 
