@@ -67,6 +67,10 @@ def render(
     adopt: bool = False,
     workers: int | None = None,
     gpus: str | None = None,
+    until: str | None = None,
+    max_hours: float | None = None,
+    max_kwh: float | None = None,
+    compile: bool = False,
 ) -> RenderSummary:
     """Render the recipe's pending jobs into its run folder (`output`, default `recipe.output`),
     resuming what an earlier run left, then write the contact sheets (unless `sheets=False`).
@@ -74,7 +78,9 @@ def render(
     `on_progress(done, total)` is called after each finished image (`total`: images this call
     renders); `on_event(event)` receives every event dict that `log.jsonl` records;
     `should_stop()` returning a reason stops after the current batch (the images already
-    generated are still written). Raises RunLockedError when another process renders into the
+    generated are still written). `until` ("07:00"), `max_hours` and `max_kwh` stop the render
+    before a batch would pass them (`summary.budget_reached` says why); `compile` runs the UNet
+    and VAE decoder through torch.compile. Raises RunLockedError when another process renders into the
     folder (unless `wait`), InputError / ModelError for unusable settings or model files,
     DiskFullError when the disk fills (finished images are kept). A folder that is not empty and
     not a run, or a run of another recipe name (unless `adopt`), is refused with InputError.
@@ -97,7 +103,11 @@ def render(
         if on_event is not None:
             on_event(event)
 
-    options = RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed, batch_size=batch_size)
+    from imagegen.render.budget import Budget
+
+    budget = Budget.from_options(until=until, max_hours=max_hours, max_kwh=max_kwh)
+    options = RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed, batch_size=batch_size,
+                            budget=budget, compile=compile)
     if workers is not None or gpus is not None:
         import functools
 

@@ -24,6 +24,11 @@ def resolve_device(device: str | None) -> str:
         raise InputError(f"`device` {device!r} is not a torch device; use e.g. cpu, cuda, cuda:1, mps") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise InputError(f"`device` {device!r}: CUDA is not available on this machine (torch {torch.__version__})")
+    index = torch.device(dev).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise InputError(f"`device` {device!r}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                         f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"`device` {device!r}: MPS is not available on this machine")
     return dev

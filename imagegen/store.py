@@ -64,6 +64,7 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
     ),
     ("002_meta", "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"),
     ("003_picks", "CREATE TABLE picks (idx INTEGER PRIMARY KEY, id TEXT, added_at REAL NOT NULL);"),
+    ("004_energy", "ALTER TABLE jobs ADD COLUMN joules REAL;"),  # measured joules per image; NULL = not measured
     (
         "005_claims",  # the queue of a run with several workers (`imagegen.render.workers`)
         """
@@ -92,7 +93,7 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 # Steps a reader (status, an unlocked open) can do without: a manifest last rendered before
 # them is still read; what they add is reported as absent.
-READ_OPTIONAL_STEPS = frozenset({"005_claims"})
+READ_OPTIONAL_STEPS = frozenset({"004_energy", "005_claims"})
 
 
 class _Transaction:
@@ -571,11 +572,14 @@ class RunStore:
         marks = ",".join("?" * len(states))
         return [r[0] for r in self._conn.execute(f"SELECT id FROM jobs WHERE in_plan = 1 AND status IN ({marks}) ORDER BY idx", states)]
 
-    def mark_done(self, job_id: str, *, file: Path, sha256: str, thumb: Path | None, seconds: float) -> None:
+    def mark_done(self, job_id: str, *, file: Path, sha256: str, thumb: Path | None, seconds: float,
+                  joules: float | None = None) -> None:
+        """`joules`: the image's share of its batch's measured energy; None = not measured."""
         self._write(
             "UPDATE jobs SET status = 'done', file = ?, sha256 = ?, thumb = ?, seconds = ?, finished_at = ?, error = NULL, "
-            "attempts = attempts + 1 WHERE id = ?",
-            (str(file.relative_to(self.folder)), sha256, str(thumb.relative_to(self.folder)) if thumb else None, seconds, time.time(), job_id),
+            "attempts = attempts + 1, joules = ? WHERE id = ?",
+            (str(file.relative_to(self.folder)), sha256, str(thumb.relative_to(self.folder)) if thumb else None, seconds, time.time(),
+             joules, job_id),
         )
 
     def mark_failed(self, job_id: str, error: str, seconds: float | None = None) -> None:
@@ -619,6 +623,14 @@ class RunStore:
             "SELECT idx, id, error FROM jobs WHERE status = 'failed' AND in_plan = 1 ORDER BY finished_at DESC LIMIT 1").fetchone()
         out["last_error"] = {"index": row[0], "id": row[1], "error": row[2]} if row else None
         out["workers"] = self.workers()
+        # Energy of the images that have a measurement (None: nothing measured, never a guess).
+        try:
+            n, joules = self._conn.execute(
+                "SELECT COUNT(joules), SUM(joules) FROM jobs WHERE status = 'done' AND in_plan = 1 AND joules IS NOT NULL").fetchone()
+        except sqlite3.OperationalError:  # a manifest from before 004_energy, read without the lock
+            n, joules = 0, None
+        out["energy"] = {"measured_images": n, "wh_per_image": joules / n / 3600.0 if n else None,
+                         "kwh": joules / 3.6e6 if n else None}
         out["orphans"] = [{"index": r.index, "id": r.id, "file": r.file} for r in self.rows(include_orphans=True) if not r.in_plan]
         return out
 

@@ -46,18 +46,33 @@ def progress_lines(err: str) -> list[tuple[int, int]]:
     return [(int(m[1]), int(m[2])) for m in re.finditer(r"(\d+)/(\d+) \(\d+ failed\), [\d.]+ img/s, ETA", err)]
 
 
-def test_plain_progress_counts_every_finished_image(tmp_path, capsys, one_thread):
-    # 16 jobs in batches of 4. Each line counts all images finished so far (a multiple of the
-    # batch, never the first image of a batch), and the last line says 16/16.
+def test_progress_counts_every_finished_image(tmp_path, capsys, one_thread):
+    # 16 jobs in batches of 4. Every progress event counts exactly the images finished before it
+    # (the bug: a line said 1/48 when 8 were done); the event comes right after the writes of
+    # a batch are harvested, so the count moves by whole batches or less, never lags a batch.
+    assert run_app(["render", str(write(tmp_path)), "--no-sheet", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    finished = 0
+    counts = []
+    for e in events:
+        if e["event"] == "image":
+            finished += 1
+        elif e["event"] == "progress":
+            assert e["rendered"] == finished and e["to_render"] == 16
+            counts.append(e["rendered"])
+    assert counts and counts[-1] == 16 and counts == sorted(counts)
+    assert len(counts) >= 2  # one event per harvest that finished images
+
+
+def test_plain_progress_lines_show_the_totals(tmp_path, capsys, one_thread):
+    # Without a terminal (cron): timestamped lines, the first with a real ETA, the last 16/16.
     assert run_app(["render", str(write(tmp_path)), "--no-sheet"]) == 0
     err = capsys.readouterr().err
     lines = progress_lines(err)
-    assert lines, err
-    assert lines[0] == (4, 16), err
-    assert all(done % 4 == 0 and total == 16 for done, total in lines), lines
-    assert lines[-1] == (16, 16), lines
-    # The first ETA is computed from a whole batch: it is a figure, not "unknown"
-    assert re.search(r"4/16 \(0 failed\), [\d.]+ img/s, ETA \d+", err), err
+    assert lines and lines[-1] == (16, 16), err
+    assert all(total == 16 for _, total in lines) and [d for d, _ in lines] == sorted(d for d, _ in lines)
+    first = re.search(r"(\d+)/16 \(0 failed\), ([\d.]+) img/s, ETA (\S+)", err)
+    assert first and (int(first[1]) == 16 or first[3] != "unknown"), err
 
 
 def test_json_events_carry_timestamps_and_progress(tmp_path, capsys, one_thread):

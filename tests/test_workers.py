@@ -173,3 +173,13 @@ def test_sigterm_stops_every_worker_cleanly_and_the_run_resumes(tmp_path):
     assert json.loads(out.splitlines()[-1])["rendered"] == 18 - first
     counts = image_events(run)
     assert len(counts) == 18 and set(counts.values()) == {1}
+
+
+def test_budgets_and_compile_are_refused_with_workers_not_ignored(tmp_path, capsys):
+    from imagegen.cli import run_app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: w\nmodel:\n  checkpoint: builtin:tiny-sd15\nprompt: a cup\nsize: 64x64\nsteps: 2\noutput: run\n")
+    assert run_app(["render", str(recipe), "--workers", "2", "--device", "cpu", "--max-hours", "1"]) == 2
+    assert "not supported with `--workers`/`--gpus` yet" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -74,6 +74,9 @@ def plan_cmd(
     axes.add_row("[bold]total jobs[/bold]", f"[bold]{len(jobs)}[/bold]")
     console.print(axes)
     console.print(f"Pixels: {pixel_summary(jobs)}")
+    from imagegen.history import estimate
+
+    console.print(estimate(jobs).describe())
     if limit:
         table = Table(title=f"First {min(limit, len(jobs))} of {len(jobs)} jobs", title_justify="left")
         hires = any(j.hires for j in jobs)

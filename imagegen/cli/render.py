@@ -140,11 +140,14 @@ class Reporter:
             self.stop()
             if event.get("aborted"):
                 state = "aborted by a second Ctrl-C (the batch being generated was dropped; written images are kept)"
+            elif event.get("budget_reached"):
+                state = f"stopped, {event['budget_reached']}"
             else:
                 state = f"interrupted by {event['interrupted']}" if event["interrupted"] else "finished"
             batch = f"; batch size ended at {event['batch_size']} after CUDA out of memory" if self.oom_said else ""
             self.line(f"{event['recipe']}: {state}: {event['rendered']} rendered, {event['failed']} failed, {event['left']} left, "
-                      f"{event['already_done']} were already done; {event['images_per_second']:.2f} img/s{batch}; {event['folder']}")
+                      f"{event['already_done']} were already done; {event['images_per_second']:.2f} img/s; "
+                      f"{energy_text(event.get('wh_per_image'), event.get('kwh'))}{batch}; {event['folder']}")
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -154,6 +157,14 @@ class Reporter:
             except (OSError, ValueError):
                 self.reader_gone = True
 
+
+
+def energy_text(wh_per_image: float | None, kwh: float | None) -> str:
+    """"0.52 Wh/image, 0.104 kWh" or "energy not measured" (never a guess)."""
+    if kwh is None:
+        return "energy not measured"
+    per = f"{wh_per_image:.3g} Wh/image, " if wh_per_image is not None else ""
+    return f"{per}{kwh:.4g} kWh"
 
 
 class StopFlag:
@@ -230,10 +241,20 @@ def render(
     adopt: bool = typer.Option(False, "--adopt", help="Render into a run folder that belongs to another recipe name, making it this recipe's (its jobs become orphans, its picks comments)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render with N worker processes on --device (e.g. --workers 2 --device cpu)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker process per GPU: `all` or indices such as 0,2."),
+    until: Optional[str] = typer.Option(None, "--until", metavar="HH:MM",
+                                        help="Stop before a batch would end after this time of day (local)."),
+    max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="H", help="Stop before a batch would pass H hours."),
+    max_kwh: Optional[float] = typer.Option(None, "--max-kwh", metavar="E",
+                                            help="Stop before a batch would pass E kWh (measured; needs an energy counter)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet and VAE decoder (faster on GPUs after a "
+                                  "one-off compile per batch shape)."),
 ) -> None:
     """Render recipes into their run folders; resumable, one GPU run per folder at a time."""
     from imagegen.recipe import load_recipe
     from imagegen.render import RenderOptions
+    from imagegen.render.budget import Budget
+
+    budget = Budget.from_options(until=until, max_hours=max_hours, max_kwh=max_kwh)
 
     if output is not None and len(recipes) > 1:
         raise InputError("`--output` takes one recipe; each recipe has its own `output:`")
@@ -243,9 +264,15 @@ def render(
 
         devices = worker_devices(workers=workers, gpus=gpus, device=device)
     _check_device_dtype(device if devices is None else devices[0], dtype)
+    if devices is not None and (until or max_hours is not None or max_kwh is not None or compile_):
+        raise InputError("`--until`, `--max-hours`, `--max-kwh` and `--compile` work with a single-process render; "
+                         "they are not supported with `--workers`/`--gpus` yet")
+    if max_kwh is not None:
+        _check_energy_measured(device)
     resume_cmd = "imagegen " + shlex.join(["render", *map(str, recipes), *_resume_options(
         device=device, dtype=dtype, batch_size=batch_size, retry_failed=retry_failed, wait=wait, fail_fast=fail_fast,
-        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt, workers=workers, gpus=gpus)])
+        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt, workers=workers, gpus=gpus, until=until, max_hours=max_hours,
+        max_kwh=max_kwh, compile=compile_)])
     invalid = 0
     failed_jobs = 0
     with StopFlag() as stop, _aborted_says_how_to_resume(resume_cmd):
@@ -259,7 +286,7 @@ def render(
                 summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet, adopt=adopt, devices=devices,
                                       options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
                                                             batch_size=batch_size, allow_download=allow_download,
-                                                            wait_device=wait))
+                                                            wait_device=wait, budget=budget, compile=compile_))
             except (InputError, RunLockedError) as exc:
                 # One bad recipe, model or busy folder does not stop the overnight queue.
                 if len(recipes) == 1:
@@ -274,6 +301,11 @@ def render(
                     raise typer.Exit(2)
                 continue
             failed_jobs += summary.failed
+            budget = budget.after(summary.joules)
+            if summary.budget_reached:
+                err(f"{time.strftime('%Y-%m-%d %H:%M:%S')} imagegen: {summary.budget_reached}; {summary.left} jobs left; "
+                    f"to resume: {resume_cmd}")
+                return
             if summary.interrupted:
                 err(f"imagegen: stopped by {summary.interrupted}; to resume: {resume_cmd}")
                 raise typer.Exit(EXIT_INTERRUPTED.get(summary.interrupted, 130))
@@ -343,6 +375,17 @@ def _check_device_dtype(device: str | None, dtype: str | None) -> None:
     resolve_dtype(dtype, resolve_device(device))
 
 
+def _check_energy_measured(device: str | None) -> None:
+    """--max-kwh needs a real energy counter on the device that will render (never a guess)."""
+    from imagegen.devices import resolve_device
+    from imagegen.energy import meter_for
+
+    dev = resolve_device(device)
+    if not meter_for(dev).measured:
+        raise InputError(f"`--max-kwh`: the energy of {dev} is not measured here (no NVML energy counter or readable "
+                         "RAPL); use --max-hours or --until")
+
+
 def _sheets_quietly(store: Any) -> None:
     """Refresh the contact sheets of a run; a sheet problem never fails a render."""
     try:
@@ -374,7 +417,8 @@ def status(
     for s in reports:
         rate = f"{s['rate']:.2f} img/s" if s["rate"] else "n/a"
         typer.echo(f"{s['folder']} ({s['recipe']}): {s['done']}/{s['total']} done, {s['pending']} pending, {s['failed']} failed, "
-                   f"{s['orphaned']} orphaned; rate {rate}; time left {_fmt_eta(s['eta_seconds'])}")
+                   f"{s['orphaned']} orphaned; rate {rate}; time left {_fmt_eta(s['eta_seconds'])}; "
+                   f"{energy_text(s['energy']['wh_per_image'], s['energy']['kwh'])}")
         if s["last_error"]:
             e = s["last_error"]
             typer.echo(f"  last error: job {e['index']} ({e['id']}): {e['error']}")

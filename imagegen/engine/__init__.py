@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from .builtin import BUILTIN_MODELS
 from ..modelfiles import check_lora, detect_family
-from .engine import Engine, EngineOOM, GenRequest, GenResult
+from .engine import Engine, EngineDeviceError, EngineOOM, GenRequest, GenResult
 from .hires import HiresRequest
 from .loading import open_engine
 
 __all__ = [
     "BUILTIN_MODELS",
     "Engine",
+    "EngineDeviceError",
     "EngineOOM",
     "GenRequest",
     "GenResult",

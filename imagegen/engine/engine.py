@@ -16,16 +16,13 @@ from ..errors import ImagegenError, InputError, ModelError
 from .. import samplers
 from ..defaults import MAX_SEED
 from ..models import FAMILIES
+from .device_errors import EngineDeviceError, EngineOOM, classify, free_device_memory
 from .hires import HiresRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
 
-
-class EngineOOM(ImagegenError):
-    """The device ran out of memory during `generate`; the caller may retry with a smaller batch."""
-
-
+__all__ = ["Engine", "EngineDeviceError", "EngineOOM", "GenRequest", "GenResult"]
 
 @dataclass(frozen=True)
 class GenRequest:
@@ -106,6 +103,7 @@ class Engine:
         self._lora_stamps: tuple = ()  # (size, mtime) of each fused file: a rewritten file is reloaded
         self._backup: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._prompt_cache: dict[tuple, tuple] = {}
+        self.compiled = False  # torch.compile'd UNet and VAE decoder (see `compile`)
         self._text_state = None  # textual-inversion embeddings (engine/text.py TextState)
         self._img2img: Any = None  # the img2img pipeline over the same components (hires pass)
         self._hires_upscalers: dict[str, Any] = {}  # Real-ESRGAN weight file -> loaded Upscaler
@@ -130,6 +128,28 @@ class Engine:
 
             up = self._hires_upscalers[path] = load_upscaler(path, device=self.device)
         return up
+
+    # -- compilation --------------------------------------------------------------------------
+
+    def compile(self) -> None:
+        """torch.compile the UNet and the VAE decoder in place, with static shapes and
+        channels_last memory. The first batch of each shape pays for compiling. LoRA sets are
+        then fused and their adapters unloaded (the module structure never changes, so
+        switching sets does not recompile; the exact weight backup restores the originals)."""
+        import torch
+
+        if self.compiled:
+            return
+        pipe = self.pipeline
+        # Parameters are guarded on requires_grad, which peft turns off when it loads a LoRA:
+        # off from the start, so loading one never invalidates the graphs.
+        pipe.unet.requires_grad_(False).to(memory_format=torch.channels_last)
+        pipe.unet.compile(dynamic=False)
+        vae = getattr(pipe, "vae", None)
+        if vae is not None:
+            vae.requires_grad_(False).to(memory_format=torch.channels_last)
+            vae.decoder.compile(dynamic=False)
+        self.compiled = True
 
     # -- schedulers --------------------------------------------------------------------------
 
@@ -185,6 +205,7 @@ class Engine:
             return
         pipe = self.pipeline
         names = [adapter_name(i, p) for i, (p, _) in enumerate(want)]
+        failure = None
         try:
             with warnings.catch_warnings():  # peft warns on every second adapter: expected here
                 warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -192,10 +213,19 @@ class Engine:
             pipe.set_adapters(names, adapter_weights=[w for _, w in want])
             self._backup_lora_targets()
             pipe.fuse_lora(components=[n for n, _ in self._lora_models()], adapter_names=names)
-        except BaseException:
-            self._loras = want  # so that _clear_loras undoes whatever got in
+            if self.compiled:  # plain modules again, fused weights kept: the compiled graphs stay valid
+                pipe.unload_lora_weights()
+        except BaseException as e:
+            failure = _device_failure(e, f"fusing {len(want)} LoRA(s) on {self.device}")
+            if failure is None:
+                self._loras = want  # so that _clear_loras undoes whatever got in
+                self._clear_loras()
+                raise
+        if failure is not None:  # outside the except block: its traceback no longer holds memory
+            self._loras = want
             self._clear_loras()
-            raise
+            free_device_memory()
+            raise failure
         self._loras = want
         self._lora_stamps = stamps
 
@@ -233,7 +263,7 @@ class Engine:
         pipe = self.pipeline
         if self._loras or self._backup or getattr(pipe, "_merged_adapters", None):
             comps = [n for n, _ in self._lora_models()]
-            if getattr(pipe, "_merged_adapters", None):
+            if getattr(pipe, "_merged_adapters", None) and not self.compiled:  # compiled: adapters already unloaded
                 pipe.unfuse_lora(components=comps)
             pipe.unload_lora_weights()
             models = dict(self._lora_models())
@@ -357,7 +387,8 @@ class Engine:
         passes the same generator object to the txt2img call and then to the img2img call.
 
         Raises InputError for mixed batch settings or bad values, EngineOOM when the device runs
-        out of memory. An image with NaN values comes back with `error` set, not as an exception.
+        out of memory (cuBLAS/cuDNN allocation failures included), EngineDeviceError for a sticky
+        CUDA error. An image with NaN values comes back with `error` set, not as an exception.
         """
         import numpy as np
         import torch
@@ -377,6 +408,7 @@ class Engine:
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             pipe.scheduler.noise_sampler_seed = [int(r.seed) for r in requests]
 
+        failure = None
         try:
             # 3. Encode each distinct prompt pair once, then stack in request order.
             enc = [self._encode(r.prompt, r.negative, cfg, clip_skip, r.prompt_syntax, r.emphasis) for r in requests]
@@ -399,8 +431,8 @@ class Engine:
             # 4. One CPU generator per image, seeded with its own seed.
             generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
 
-            # 5. Denoise and decode.
-            with torch.no_grad(), warnings.catch_warnings():
+            # 5. Denoise and decode (a decode out of memory is retried alone, one image at a time).
+            with torch.no_grad(), warnings.catch_warnings(), decode_in_slices_on_oom(getattr(pipe, "vae", None)):
                 warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
                 warnings.filterwarnings("ignore", message="Should have t.*>=t0")  # torchsde float rounding, harmless
                 out = pipe(
@@ -416,13 +448,17 @@ class Engine:
                 if first.hires is not None:  # 6. The hires pass, on the same generators.
                     images, firsts = hires.second_pass(self, first.hires, out.images, requests, generators, kwargs,
                                                        first.guidance)
-        except torch.OutOfMemoryError as e:
-            vae = getattr(pipe, "vae", None)
-            if vae is not None and vae.dtype != pipe.unet.dtype:  # OOM inside SDXL's fp32 VAE upcast
-                vae.to(dtype=pipe.unet.dtype)
-            _free_device_memory()
+        except BaseException as e:
             size = f"{first.width}x{first.height}" + (f" then {first.hires.width}x{first.hires.height}" if first.hires else "")
-            raise EngineOOM(f"out of memory on {self.device} rendering {len(requests)} images at {size}: {_one_line(e)}") from None
+            failure = _device_failure(e, f"rendering {len(requests)} images at {size} on {self.device}")
+            if failure is None:
+                raise
+        if failure is not None:  # outside the except block, so the failed activations can be freed
+            vae = getattr(pipe, "vae", None)
+            if vae is not None and vae.dtype != pipe.unet.dtype:  # failed inside SDXL's fp32 VAE upcast
+                vae.to(dtype=pipe.unet.dtype)
+            free_device_memory()
+            raise failure
 
         # 7. NaN check and 8-bit RGB, rounded as diffusers rounds its PIL output.
         results = []
@@ -468,14 +504,47 @@ def text_model_alias(text_encoder: Any):
         del text_encoder.__dict__["text_model"]
 
 
-def _free_device_memory() -> None:
-    import gc
+def _device_failure(e: BaseException, doing: str) -> ImagegenError | None:
+    """EngineOOM or EngineDeviceError for a device error raised while `doing`; None otherwise."""
+    kind = classify(e)
+    if kind == "oom":
+        return EngineOOM(f"out of memory {doing}: {_one_line(e)}")
+    if kind == "sticky":
+        return EngineDeviceError(f"device error {doing}, the device needs a restart of the process: {_one_line(e)}")
+    return None
 
-    import torch
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+@contextmanager
+def decode_in_slices_on_oom(vae: Any):
+    """While in the block, `vae.decode` retries a batch that ran out of memory one latent at a
+    time (diffusers' own `use_slicing` path), so an OOM in the decode keeps the denoised
+    latents. The retry runs after the `except` block has released the failed attempt."""
+    if vae is None or not hasattr(vae, "use_slicing"):
+        yield
+        return
+    original = vae.decode
+
+    def decode(z: Any, *args: Any, **kwargs: Any) -> Any:
+        retry = False
+        try:
+            return original(z, *args, **kwargs)
+        except BaseException as e:
+            if getattr(z, "shape", (1,))[0] <= 1 or vae.use_slicing or classify(e) != "oom":
+                raise
+            retry = True
+        if retry:
+            free_device_memory()
+            vae.use_slicing = True
+            try:
+                return original(z, *args, **kwargs)
+            finally:
+                vae.use_slicing = False
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def _one_line(e: BaseException) -> str:

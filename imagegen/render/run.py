@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from imagegen.errors import ImagegenError, disk_full, is_disk_full
+from imagegen.errors import ImagegenError, InputError, disk_full, is_disk_full
 from imagegen.metadata import stoppable
 from imagegen.plan import Job
 from imagegen.recipe import Recipe
-from imagegen.render.batching import Batches
+from imagegen.render.batching import Batches, FailureStreak, RenderStopped
+from imagegen.render.budget import Budget, BudgetCheck
 from imagegen.render.prepare import prepare_run
 from imagegen.render.writer import ImageWriter, file_hashes, job_parameters, job_provenance
 from imagegen.store import RunStore
@@ -34,6 +35,8 @@ class RenderOptions:
     allow_download: bool = False
     refresh_every: float = 600.0  # seconds between `on_refresh` calls during a long render
     wait_device: bool = False  # wait for another imagegen rendering on the same GPU instead of refusing
+    budget: Budget | None = None  # stop before the next batch would pass it (render/budget.py)
+    compile: bool = False  # torch.compile the UNet and VAE decoder (Engine.compile)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class RenderSummary:
     aborted: bool = False  # a second Ctrl-C: stopped at once, the batch being generated was dropped
     batch_size: int = 0
     failures: list[tuple[int, str]] = field(default_factory=list)
+    joules: float | None = None  # measured energy of this render's batches; None = not measured
+    budget_reached: str | None = None  # why the render stopped before its last batch
 
     @property
     def images_per_second(self) -> float:
@@ -104,8 +109,26 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         return summary
 
     # 2. Check every file before loading anything heavy, then load the model once.
+    from imagegen.energy import meter_for
+    from imagegen.engine import EngineDeviceError
+    from imagegen.history import RateLog, job_model
+
     with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
         engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
+    if opts.compile:
+        engine.compile()
+    meter = meter_for(engine.device)  # joules around each batch, or "not measured"
+    rates = RateLog(engine.device)  # what each size took, for `plan` estimates of later runs
+    check = BudgetCheck(opts.budget or Budget())
+
+    def measured(batch: list[Job], seconds: float, joules: float | None) -> None:
+        check.tally.add(len(batch), seconds, joules)
+        j = batch[0]
+        rates.add(job_model(j), j.width, j.height, j.steps, len(batch), seconds, joules)
+
+    if check.budget.max_joules is not None and not meter.measured:
+        raise InputError(f"`--max-kwh`: the energy of {engine.device} is not measured here (no NVML energy counter or "
+                         "readable RAPL); use --max-hours or --until")
     batches = Batches(run.pending, opts.batch_size or recipe.batch_size)
     emit({"event": "loaded", "model": engine.model_name, "family": engine.family, "device": engine.device, "dtype": engine.dtype,
           "seconds": round(time.monotonic() - started, 2), "batch_size": batches.batch_size})
@@ -138,6 +161,8 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             emit_progress()
 
     stop_reason: str | None = None
+    stopped: RenderStopped | None = None  # the device or the model keeps failing
+    streak = FailureStreak()
     scheduler_configs: dict[str, dict] = {}
     current_key = None
     try:
@@ -145,14 +170,38 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             stop_reason = should_stop()
             if stop_reason or writer.full_disk:
                 break
+            summary.budget_reached = check.stop_reason(batches.size_for(batches.queue[0]))
+            if summary.budget_reached:
+                break
             batch = batches.next()
-            if batch[0].group_key != current_key:
-                engine.set_loras([(lu.path, lu.weight) for lu in batch[0].loras])
-                current_key = batch[0].group_key
+            held: list[tuple] = []
             harvest(block=False)  # writes of the last batch that finished meanwhile count before the next one
-            submitted = _render_batch(batch, recipe, engine, hashes, batches, writer, fail, emit, scheduler_configs)
+            try:
+                if batch[0].group_key != current_key:
+                    current_key = None
+                    if _switch_loras(engine, batch, held):
+                        current_key = batch[0].group_key
+                submitted = (_render_batch(batch, recipe, engine, hashes, batches, writer, lambda *f: held.append(f), emit,
+                                           scheduler_configs, meter, measured) if current_key is not None else 0)
+            except EngineDeviceError as exc:
+                batches.queue.extendleft(reversed(batch))  # not attempted to the end: still pending
+                stopped, stop_reason = RenderStopped(f"render stopped: {exc.message}"), "a device error"
+                break
             if submitted is None:
                 continue
+            if submitted == 0 and held and streak.failed(held):
+                batches.queue.extendleft(reversed(batch))
+                for failure in streak.held[: -len(held)]:
+                    batches.queue.appendleft(failure[0])  # the whole streak stays pending
+                stopped = RenderStopped(f"render stopped: {streak.batches} batches in a row failed "
+                                        f"(last: {streak.last_error[:300]})")
+                streak.release()
+                stop_reason = "repeated failures"
+                break
+            if submitted or not held:
+                batches.succeeded(batch)
+                for failure in streak.release() + held:
+                    fail(*failure)
             if not submitted:
                 emit_progress()  # a batch of failures moves the count too
             harvest(block=False)
@@ -166,6 +215,8 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         summary.interrupted, summary.aborted = "SIGINT", True
         raise
     finally:
+        for failure in streak.release():  # a streak shorter than the limit: ordinary failures
+            fail(*failure)
         try:
             harvest(block=True)
         finally:
@@ -173,6 +224,8 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             summary.left += writer.left
             summary.seconds = time.monotonic() - render_start
             summary.batch_size = batches.batch_size
+            summary.joules = check.tally.joules if meter.measured and check.tally.batches else None
+            rates.save()
             if summary.aborted:
                 summary.left = to_render - summary.rendered - summary.failed
                 emit({"event": "finish", **_summary_event(summary)})
@@ -180,7 +233,28 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
     emit({"event": "finish", **_summary_event(summary)})
     if writer.full_disk:
         raise disk_full(store.folder, f"{summary.rendered} images finished and kept, {summary.left} left")
+    if stopped is not None:
+        raise RenderStopped(f"{stopped.message}; {summary.rendered} images finished, {summary.left} left pending; "
+                            "fix the cause and run the same command again to resume")
     return summary
+
+
+def _switch_loras(engine: Any, batch: list[Job], held: list[tuple]) -> bool:
+    """Fuse the batch's LoRA set; False (with the batch's jobs in `held` as failed) when the
+    device fails while fusing. ModelError and sticky device errors propagate."""
+    from imagegen.engine import EngineOOM
+
+    try:
+        engine.set_loras([(lu.path, lu.weight) for lu in batch[0].loras])
+        return True
+    except ImagegenError as exc:
+        if not isinstance(exc, EngineOOM):
+            raise
+        error = exc.message
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+    held.extend((j, f"applying LoRAs: {error}", None) for j in batch)
+    return False
 
 
 def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callable[[Event], None],
@@ -215,34 +289,43 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
 
 def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[str, str | None], batches: Batches,
                   writer: ImageWriter, fail: Callable[[Job, str, float | None], None], emit: Callable[[Event], None],
-                  scheduler_configs: dict[str, dict]) -> int | None:
-    """Generate one batch and queue its images for writing; returns how many were queued. None
-    when nothing was generated (out of memory: halved and queued again, or failed at batch
-    size 1; or the batch raised)."""
+                  scheduler_configs: dict[str, dict], meter: Any,
+                  measured: Callable[[list[Job], float, float | None], None]) -> int | None:
+    """Generate one batch and queue its images for writing; returns how many were queued (0 when
+    the batch failed: its failures went to `fail`). None when out of memory halved the batch
+    size and queued the batch again."""
     from imagegen.engine import EngineOOM, GenRequest, HiresRequest
 
     hr = batch[0].hires  # one group key: every job of the batch has the same second pass
     hires = HiresRequest.from_content(hr.content(), keep_first=hr.keep_first) if hr else None
     requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip,
                            j.prompt_syntax, j.emphasis, hires=hires) for j in batch]
-    t0 = time.monotonic()
+    from imagegen.energy import Span
+    from imagegen.render.writer import energy_record
+
+    span = Span(meter).start()
     try:
         results = engine.generate(requests)
     except EngineOOM:
         if batches.out_of_memory(batch):
-            emit({"event": "oom", "batch_size": batches.batch_size,
-                  "message": f"CUDA out of memory: batch size halved to {batches.batch_size}"})
+            emit({"event": "oom", "batch_size": batches.batch_size, "size": f"{batch[0].width}x{batch[0].height}",
+                  "message": f"out of memory: batch size at {batch[0].width}x{batch[0].height} halved to {batches.batch_size}"})
         else:
             for j in batch:
-                fail(j, "CUDA out of memory at batch size 1", None)
+                fail(j, "out of memory at batch size 1", None)
+            return 0
         return None
-    except ImagegenError:
+    except (ImagegenError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # one bad batch does not stop the run
+    except Exception as exc:  # one bad batch does not stop the run (a few in a row do: the caller)
         for j in batch:
             fail(j, f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}", None)
-        return None
-    per_image = (time.monotonic() - t0) / len(batch)
+        return 0
+    span.stop()
+    measured(batch, span.seconds, span.joules)
+    per_image = span.seconds / len(batch)
+    joules = span.joules / len(batch) if span.joules is not None else None
+    energy = energy_record(joules, meter.source)
     submitted = 0
     for job, result in zip(batch, results):
         if result.error or result.image is None:
@@ -253,9 +336,9 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
                 scheduler_configs[name] = engine.scheduler_config(name)
         params = job_parameters(job, hashes, engine.model_name)
         prov = job_provenance(job, recipe, hashes, engine, per_image, scheduler_configs[job.scheduler],
-                              scheduler_configs[job.hires.scheduler] if job.hires else None)
+                              scheduler_configs[job.hires.scheduler] if job.hires else None, energy=energy)
         first = (result.first, job_parameters(job, hashes, engine.model_name, first_pass=True)) if result.first is not None else None
-        writer.submit(job, result.image, params, prov, per_image, first=first)
+        writer.submit(job, result.image, params, prov, per_image, first=first, joules=joules)
         submitted += 1
     return submitted
 
@@ -263,4 +346,7 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
 def _summary_event(s: RenderSummary) -> Event:
     return {"recipe": s.recipe, "folder": s.folder, "planned": s.planned, "already_done": s.already_done, "rendered": s.rendered,
             "failed": s.failed, "left": s.left, "seconds": round(s.seconds, 2), "images_per_second": round(s.images_per_second, 3),
-            "interrupted": s.interrupted, "aborted": s.aborted, "batch_size": s.batch_size}
+            "interrupted": s.interrupted, "aborted": s.aborted, "batch_size": s.batch_size,
+            "kwh": None if s.joules is None else round(s.joules / 3.6e6, 6),
+            "wh_per_image": None if s.joules is None or not s.rendered else round(s.joules / s.rendered / 3600.0, 4),
+            "budget_reached": s.budget_reached}

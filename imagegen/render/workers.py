@@ -350,6 +350,9 @@ def _work(args: WorkerArgs, store: RunStore, send: Callable[[Event], None], stop
         writer = ImageWriter(store, written)
         hold.callback(writer.close)
         scheduler_configs: dict[str, dict] = {}
+        from imagegen.energy import meter_for
+
+        meter = meter_for(engine.device)  # each worker measures its own device ("not measured" on most CPUs)
         current_group: str | None = None
         current_key = None
         try:
@@ -370,7 +373,8 @@ def _work(args: WorkerArgs, store: RunStore, send: Callable[[Event], None], stop
                 batches = Batches(jobs, batch_size)
                 while batches:
                     batch = batches.next()
-                    _render_batch(batch, recipe, engine, hashes, batches, writer, fail, send, scheduler_configs)
+                    _render_batch(batch, recipe, engine, hashes, batches, writer, fail, send, scheduler_configs, meter,
+                                  lambda *measurement: None)  # budgets are the single-process render's (see README)
                     writer.harvest(block=False, backlog=4 * batches.batch_size)
                 batch_size = batches.batch_size  # an out-of-memory halving holds for the next claims
         finally:

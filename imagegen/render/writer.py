@@ -83,8 +83,10 @@ def recipe_provenance(recipe: Recipe) -> dict:
 
 
 def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None], engine: Any, seconds: float,
-                   scheduler_config: dict | None = None, hires_scheduler_config: dict | None = None) -> dict:
-    """The `imagegen` JSON stored in each PNG: enough to reproduce and audit the image."""
+                   scheduler_config: dict | None = None, hires_scheduler_config: dict | None = None, *,
+                   energy: dict | None = None) -> dict:
+    """The `imagegen` JSON stored in each PNG: enough to reproduce and audit the image.
+    `energy`: {"joules": per image or "not measured", "meter": ...} (see `energy_record`)."""
     extra: dict[str, Any] = {}
     if job.hires is not None:
         cfg = hires_scheduler_config if hires_scheduler_config is not None else engine.scheduler_config(job.hires.scheduler)
@@ -106,7 +108,9 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
         "versions": library_versions(),
         "device": engine.device,
         "dtype": engine.dtype,
+        "compiled": bool(getattr(engine, "compiled", False)),
         "seconds": round(seconds, 4),
+        "energy": energy if energy is not None else energy_record(None, "none"),
         "rendered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -124,6 +128,11 @@ def a1111_extra_fields(job: Job, hashes: dict[str, str | None]) -> dict[str, str
     if any(h for _, h in ti):
         extra["TI hashes"] = ", ".join(f"{n}: {h[:12]}" for n, h in ti if h)
     return extra
+
+
+def energy_record(joules: float | None, meter: str) -> dict:
+    """The provenance's energy entry: measured joules per image, or "not measured" (never a guess)."""
+    return {"joules": round(joules, 3) if joules is not None else "not measured", "meter": meter}
 
 
 def job_parameters(job: Job, hashes: dict[str, str | None], model_name: str, *, first_pass: bool = False) -> str:
@@ -199,19 +208,21 @@ class ImageWriter:
         self.full_disk: list[str] = []
         self.left = 0
         self._pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imagegen-writer")
-        self._inflight: deque[tuple[Job, float, cf.Future]] = deque()
+        self._inflight: deque[tuple[Job, float, cf.Future, float | None]] = deque()
 
     def submit(self, job: Job, image: Any, parameters: str, provenance: dict, seconds: float,
-               first: tuple[Any, str] | None = None) -> None:
-        """Queue an image (and a hires job's first pass: (image, parameters)) for writing."""
-        self._inflight.append((job, seconds, self._pool.submit(_write_job, self.store, job, image, parameters, provenance, first)))
+               first: tuple[Any, str] | None = None, joules: float | None = None) -> None:
+        """Queue an image (and a hires job's first pass: (image, parameters)) for writing;
+        `joules`: its measured energy for the manifest (None = not measured)."""
+        self._inflight.append((job, seconds, self._pool.submit(_write_job, self.store, job, image, parameters, provenance, first),
+                               joules))
 
     def harvest(self, block: bool, backlog: int = 0) -> None:
         """Record finished writes in order; with `block`, wait for all. Also waits while more than
         `backlog` images are queued (bounds the memory held by images not yet written)."""
         store = self.store
         while self._inflight and (block or self._inflight[0][2].done() or len(self._inflight) > backlog):
-            job, seconds, fut = self._inflight.popleft()
+            job, seconds, fut, joules = self._inflight.popleft()
             try:
                 path, sha, thumb = fut.result()
             except OSError as exc:
@@ -221,7 +232,7 @@ class ImageWriter:
                     continue
                 raise ImagegenError(f"cannot write {store.images / image_name(job.index, job.id)}: {exc.strerror or exc}") from None
             try:
-                store.mark_done(job.id, file=path, sha256=sha, thumb=thumb, seconds=seconds)
+                store.mark_done(job.id, file=path, sha256=sha, thumb=thumb, seconds=seconds, joules=joules)
             except DiskFullError as exc:  # the image is on disk; the next start adopts it
                 self.full_disk.append(exc.message)
                 self.left += 1

@@ -60,10 +60,33 @@ def starts(n: int, t: int, stride: int) -> list[int]:
     return pos
 
 
+def cuda_usable_bytes(device: str) -> int:
+    """Memory a tile can use on a CUDA device: free memory plus the blocks PyTorch has cached
+    but not allocated. `mem_get_info()` alone counts the cache as used, so from the second image
+    on tiles would shrink and pixels would depend on what ran before."""
+    import torch
+
+    dev = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+
+
+def free_memory(device: str) -> None:
+    """Collect garbage and return cached CUDA blocks (after an out-of-memory error)."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def choose_config(up: Upscaler, width: int, height: int, tile: int | None) -> TileConfig:
     """Pick the tile size: `tile` if given (0 = whole image), else from free memory.
 
-    On CUDA the budget is a share of the free memory; on CPU fixed budgets for the tile
+    On CUDA the budget is a share of `cuda_usable_bytes` (free + cached - allocated: the same
+    for every image once the model is loaded, so the plan depends on the image only); on CPU fixed budgets for the tile
     activations and for the float32 band accumulators, which grow with the output width.
     Raises `InputError` for a `tile` between 1 and 15.
     """
@@ -71,12 +94,7 @@ def choose_config(up: Upscaler, width: int, height: int, tile: int | None) -> Ti
     out_w = width * up.scale
     bpp = up.bytes_per_input_pixel()
     cuda = up.device.startswith("cuda")
-    budget = 0
-    if cuda:
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(up.device))
-        budget = int(free * CUDA_FREE_SHARE)
+    budget = int(cuda_usable_bytes(up.device) * CUDA_FREE_SHARE) if cuda else 0
     if tile is not None and tile != 0 and tile < MIN_EXPLICIT_TILE:
         raise InputError(f"`tile` must be 0 (whole image) or at least {MIN_EXPLICIT_TILE} pixels; got {tile}")
     if tile == 0:
@@ -129,22 +147,22 @@ class Tiler:
         try:
             return self.up(batch)
         except torch.OutOfMemoryError:
-            if self.up.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            if batch.shape[0] > 1:
-                self.batch_cap = max(1, batch.shape[0] // 2)
-                half = batch.shape[0] // 2
-                return torch.cat([self._forward(batch[:half], cfg), self._forward(batch[half:], cfg)])
-            sub = cfg.tile // 2
-            if sub < MIN_BACKOFF_TILE:
-                raise ModelError(
-                    f"out of memory on {self.up.device} even with {cfg.tile}-pixel tiles; "
-                    "free GPU memory or use `--device cpu`"
-                ) from None
-            # Run this one tile as an image of its own with half-size tiles, blended the same way.
-            sub_cfg = TileConfig(tile=sub, overlap=min(cfg.overlap, sub // 4), margin=min(cfg.margin, sub // 16), batch=1)
-            rows = [r for r, _ in self._bands(batch[0], sub_cfg, count=False)]
-            return torch.cat(rows, dim=1).unsqueeze(0)
+            pass  # retry below, outside this block: its traceback keeps the failed activations alive
+        free_memory(self.up.device)
+        if batch.shape[0] > 1:
+            self.batch_cap = max(1, batch.shape[0] // 2)
+            half = batch.shape[0] // 2
+            return torch.cat([self._forward(batch[:half], cfg), self._forward(batch[half:], cfg)])
+        sub = cfg.tile // 2
+        if sub < MIN_BACKOFF_TILE:
+            raise ModelError(
+                f"out of memory on {self.up.device} even with {cfg.tile}-pixel tiles; "
+                "free GPU memory or use `--device cpu`"
+            )
+        # Run this one tile as an image of its own with half-size tiles, blended the same way.
+        sub_cfg = TileConfig(tile=sub, overlap=min(cfg.overlap, sub // 4), margin=min(cfg.margin, sub // 16), batch=1)
+        rows = [r for r, _ in self._bands(batch[0], sub_cfg, count=False)]
+        return torch.cat(rows, dim=1).unsqueeze(0)
 
     # -- the band loop ------------------------------------------------------------------------
     def _bands(self, x: Any, cfg: TileConfig, *, count: bool = True) -> Iterator[tuple[Any, int]]:
