@@ -15,19 +15,11 @@ import typer
 
 from imagegen.cli.app import app, err, examples, silence_closed_streams
 from imagegen.errors import ImagegenError, InputError, RunLockedError
+from imagegen.units import fmt_eta
 
 EXIT_FAILED_JOBS = 1
 EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
 PLAIN_EVERY = 5.0  # seconds between plain progress lines without a terminal
-
-
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 # What a start event reports about the run folder, when the count is not zero.
@@ -127,7 +119,7 @@ class Reporter:
                 self.last_line = time.monotonic()
                 left = self.total - finished
                 self.line(f"{finished}/{self.total} ({self.failed} failed), {rate:.2f} img/s, "
-                          f"ETA {_fmt_eta(left / rate if rate else None)}")
+                          f"ETA {fmt_eta(left / rate if rate else None)}")
         elif kind in ("device_wait", "worker_lost"):
             self.line(event["message"])
         elif kind == "worker_exit" and event.get("error"):
@@ -417,7 +409,7 @@ def status(
     for s in reports:
         rate = f"{s['rate']:.2f} img/s" if s["rate"] else "n/a"
         typer.echo(f"{s['folder']} ({s['recipe']}): {s['done']}/{s['total']} done, {s['pending']} pending, {s['failed']} failed, "
-                   f"{s['orphaned']} orphaned; rate {rate}; time left {_fmt_eta(s['eta_seconds'])}; "
+                   f"{s['orphaned']} orphaned; rate {rate}; time left {fmt_eta(s['eta_seconds'])}; "
                    f"{energy_text(s['energy']['wh_per_image'], s['energy']['kwh'])}")
         if s["last_error"]:
             e = s["last_error"]

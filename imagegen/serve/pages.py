@@ -11,7 +11,8 @@ import json
 from collections.abc import Sequence
 from urllib.parse import urlencode
 
-from imagegen.serve.runs import Delivery, GalleryItem, fmt_eta
+from imagegen.serve.runs import Delivery, GalleryItem
+from imagegen.units import fmt_eta
 
 e = html.escape
 

@@ -258,13 +258,3 @@ def iter_chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while data := f.read(chunk):
             yield data
-
-
-def fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
