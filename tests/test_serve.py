@@ -248,3 +248,20 @@ def test_lan_link_as_a_terminal_qr_code():
     matrix.add_data(link)
     matrix.make(fit=True)
     assert len(lines) == (len(matrix.get_matrix()) + 1) // 2
+
+
+def test_runs_list_shows_energy_only_when_measured(root, app, tokens):
+    from imagegen.store import RunStore
+
+    c = client(app, tokens.viewer)
+    runs = {r["name"]: r for r in c.get("/api/runs").json()["runs"]}
+    assert runs["alpha"]["wh_per_image"] is None and "Wh/image" not in c.get("/").text  # not measured: not shown
+    store = RunStore.open(root / "alpha", create=False, lock=False)
+    try:
+        for row in [r for r in store.rows() if r.status == "done"]:
+            store.mark_done(row.id, file=store.folder / row.file, sha256=row.sha256, thumb=None, seconds=0.5, joules=36.0)
+    finally:
+        store.close()
+    run = {r["name"]: r for r in c.get("/api/runs").json()["runs"]}["alpha"]
+    assert run["wh_per_image"] == pytest.approx(0.01)
+    assert "0.010 Wh/image" in c.get("/").text

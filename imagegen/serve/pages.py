@@ -208,12 +208,14 @@ def runs_page(runs: Sequence[dict], queue: Sequence[dict] = (), **kw: str) -> st
             continue
         pct = 100 * run["done"] / run["total"] if run["total"] else 0
         rate = f'{run["rate"]:.2f} img/s' if run.get("rate") else "–"
+        energy = (f' · <span class="energy">{run["wh_per_image"]:.3f} Wh/image, {run["kwh"]:.4f} kWh</span>'
+                  if run.get("wh_per_image") is not None else "")  # shown only when measured, never guessed
         cards.append(
             f'<div class="run" data-run="{e(name)}"><a href="{e(q("/gallery", run=name))}"><b>{e(label)}</b></a>'
             f' <span class="stats">{e(name)}</span><div class="bar"><i style="width:{pct:.1f}%"></i></div>'
             f'<div class="stats"><span class="done">{run["done"]}/{run["total"]}</span> done · '
             f'<span class="rate">{rate}</span> · ETA <span class="eta">{e(fmt_eta(run.get("eta_seconds")))}</span> · '
-            f'failed <span class="failed">{run["failed"]}</span> · picks <span class="npicks">{run["picks"]}</span>'
+            f'failed <span class="failed">{run["failed"]}</span> · picks <span class="npicks">{run["picks"]}</span>{energy}'
             f' · <a href="{e(q("/deliveries", run=name))}">upscaled</a></div></div>'
         )
     body = f'<div class="runs">{"".join(cards)}</div>' if cards else "<p>No run folders here yet.</p>"

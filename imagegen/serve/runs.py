@@ -105,8 +105,10 @@ def run_summary(root: Path, name: str) -> dict[str, Any]:
     except InputError as exc:
         return {"name": name, "error": exc.message}
     keep = ("done", "pending", "failed", "total", "rate", "eta_seconds", "recipe")
+    energy = status.get("energy") or {}
     return {"name": name, **{k: status.get(k) for k in keep}, "picks": picks,
-            "last_error": (status.get("last_error") or {}).get("error")}
+            "last_error": (status.get("last_error") or {}).get("error"),
+            "wh_per_image": energy.get("wh_per_image"), "kwh": energy.get("kwh")}  # None: not measured
 
 
 @dataclass(frozen=True)
