@@ -634,6 +634,13 @@ class RunStore:
         out["orphans"] = [{"index": r.index, "id": r.id, "file": r.file} for r in self.rows(include_orphans=True) if not r.in_plan]
         return out
 
+    def requeue(self, job_ids: Sequence[str]) -> None:
+        """Put these done jobs back to pending (their damaged file is rendered again, over it)."""
+        with self._transaction():
+            for job_id in job_ids:
+                self._conn.execute("UPDATE jobs SET status = 'pending', file = NULL, sha256 = NULL, thumb = NULL "
+                                   "WHERE id = ? AND status = 'done'", (job_id,))
+
     def verify_files(self) -> list[dict]:
         """Every done job whose image is missing or differs from its recorded sha256 (a full
         read of each file): [{index, id, file, problem}]. Reads only; `render` re-queues the

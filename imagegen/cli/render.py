@@ -230,6 +230,7 @@ def render(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: the recipe's `output`)."),
     no_sheet: bool = typer.Option(False, "--no-sheet", help="Do not write contact sheets at the end."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Allow hub ids (network access)."),
+    verify: bool = typer.Option(False, "--verify", help="Before rendering, compare every finished image with its recorded sha256 and render damaged ones again."),
     adopt: bool = typer.Option(False, "--adopt", help="Render into a run folder that belongs to another recipe name, making it this recipe's (its jobs become orphans, its picks comments)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render with N worker processes on --device (e.g. --workers 2 --device cpu)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker process per GPU: `all` or indices such as 0,2."),
@@ -263,7 +264,7 @@ def render(
         _check_energy_measured(device)
     resume_cmd = "imagegen " + shlex.join(["render", *map(str, recipes), *_resume_options(
         device=device, dtype=dtype, batch_size=batch_size, retry_failed=retry_failed, wait=wait, fail_fast=fail_fast,
-        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt, workers=workers, gpus=gpus, until=until, max_hours=max_hours,
+        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt, verify=verify, workers=workers, gpus=gpus, until=until, max_hours=max_hours,
         max_kwh=max_kwh, compile=compile_)])
     invalid = 0
     failed_jobs = 0
@@ -278,7 +279,7 @@ def render(
                 summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet, adopt=adopt, devices=devices,
                                       options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
                                                             batch_size=batch_size, allow_download=allow_download,
-                                                            wait_device=wait, budget=budget, compile=compile_))
+                                                            wait_device=wait, budget=budget, compile=compile_, verify=verify))
             except (InputError, RunLockedError) as exc:
                 # One bad recipe, model or busy folder does not stop the overnight queue.
                 if len(recipes) == 1:
@@ -426,7 +427,7 @@ def status(
         if verify:
             n = len(s.get("damaged", ()))
             typer.echo(f"  verify: {s['done'] - n}/{s['done']} done images match their sha256"
-                       + (f"; {n} damaged: delete them and run `imagegen render` on the recipe to render them again" if n else ""))
+                       + (f"; {n} damaged: `imagegen render --verify` on the recipe renders them again" if n else ""))
     if damaged:
         raise typer.Exit(1)
 

@@ -71,7 +71,8 @@ def follow_first_passes(folder: Path, index_of: dict[str, int]) -> int:
     return renamed
 
 
-def prepare_run(recipe: Recipe, store: RunStore, *, retry_failed: bool = False, limit: int | None = None) -> PreparedRun:
+def prepare_run(recipe: Recipe, store: RunStore, *, retry_failed: bool = False, limit: int | None = None,
+                verify: bool = False) -> PreparedRun:
     """Plan the recipe and bring the run folder in line with it (recipe copy, manifest, files
     a crash left, picks whose indices moved). Raises DiskFullError when the manifest cannot
     be written."""
@@ -82,6 +83,11 @@ def prepare_run(recipe: Recipe, store: RunStore, *, retry_failed: bool = False, 
     old_ids = {r.index: r.id for r in store.rows()}
     sync = store.sync_plan([j.to_dict() for j in jobs])
     rec = store.reconcile(verify=verify_image)
+    if verify:  # `render --verify`: every done image against its recorded sha256; damaged ones render again
+        damaged = store.verify_files()
+        store.requeue([d["id"] for d in damaged])
+        rec.damaged += [f"{d['file']}: {d['problem']}" for d in damaged]
+        rec.reset_missing += len(damaged)
     rec.temp_removed += remove_temp_files(store.folder / FIRST_FOLDER)
     follow_first_passes(store.folder / FIRST_FOLDER, {j.id: j.index for j in jobs})
     picks_moved, picks_orphaned = remap_picks(store, old_ids)

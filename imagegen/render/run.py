@@ -37,6 +37,7 @@ class RenderOptions:
     wait_device: bool = False  # wait for another imagegen rendering on the same GPU instead of refusing
     budget: Budget | None = None  # stop before the next batch would pass it (render/budget.py)
     compile: bool = False  # torch.compile the UNet and VAE decoder (Engine.compile)
+    verify: bool = False  # before rendering, compare every done image with its sha256; render damaged ones again
 
 
 @dataclass
@@ -100,7 +101,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
         on_event(event)
 
     # 1. Plan, and make the run folder agree with it.
-    run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit)
+    run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit, verify=opts.verify)
     summary = RenderSummary(recipe.name, str(store.folder), len(run.jobs), already_done=run.start_event["done"], left=run.left)
     emit(run.start_event)
     if not run.pending:

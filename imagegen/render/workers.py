@@ -137,7 +137,7 @@ def render_with_workers(
         on_event(event)
 
     try:
-        run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit)
+        run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit, verify=opts.verify)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full(store.folder, exc.filename or "writing") from None
