@@ -153,6 +153,12 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
+def final_size(job: dict) -> tuple[int | None, int | None]:
+    """The size of a job's image on disk: its hires pass's size when it has one."""
+    hires = job.get("hires") or {}
+    return (hires.get("width") or job.get("width"), hires.get("height") or job.get("height"))
+
+
 def png_problem(path: Path, width: int | None = None, height: int | None = None) -> str | None:
     """Why `path` is not a complete PNG of `width` x `height` (None when it looks complete).
 
@@ -504,7 +510,7 @@ class RunStore:
                     report.untracked.append(path.name)
                     continue
                 target = self.images / image_name(row.index, job_id) if row.in_plan else path
-                damage = png_problem(path, row.job.get("width"), row.job.get("height"))
+                damage = png_problem(path, *final_size(row.job))
                 if damage:  # a damaged file is never trusted: its job is rendered again (over it)
                     report.damaged.append(f"{path.name}: {damage}")
                     if row.status == "done":
@@ -656,7 +662,7 @@ class RunStore:
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
                 problem = None if h.hexdigest() == row.sha256 else (
-                    png_problem(path, row.job.get("width"), row.job.get("height")) or "sha256 differs from the manifest")
+                    png_problem(path, *final_size(row.job)) or "sha256 differs from the manifest")
             if problem:
                 bad.append({"index": row.index, "id": row.id, "file": row.file, "problem": problem})
         return bad

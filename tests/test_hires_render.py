@@ -202,3 +202,18 @@ def test_kill_9_in_a_hires_batch_then_resume(tmp_path):
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     rendered = [e["id"] for e in events if e["event"] == "image"]
     assert len(rendered) == len(set(rendered))
+
+
+def test_a_finished_hires_image_is_trusted_on_the_next_start(tmp_path, capsys):
+    # The start-up damage check compares each PNG's declared size with the job's image size:
+    # for a hires job that is the second pass's size, so a rerun renders nothing again.
+    path = write(tmp_path, """
+        scale: 1.5
+        denoise: 0.5
+        upscaler: lanczos
+    """)
+    assert run_app(["render", str(path), "--no-sheet"]) == 0
+    capsys.readouterr()
+    assert run_app(["render", str(path), "--no-sheet", "--json"]) == 0
+    start = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if '"start"' in line)
+    assert start["to_render"] == 0 and start["reset_missing"] == 0
