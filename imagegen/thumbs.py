@@ -18,17 +18,18 @@ THUMB_SIZE = 256  # long side of a thumbnail in pixels; sheet cells are laid out
 THUMB_QUALITY = 85  # JPEG quality of thumbnails: small files, no visible blocking at 256 px
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of `image`; transparency is flattened onto white."""
+def _to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """RGB copy of `image`; transparency is flattened onto `background` (white by default; the
+    ControlNet inputs use black)."""
     from PIL import Image
 
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+        flat = Image.new("RGB", rgba.size, background)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
     return image.convert("RGB")
 
 
