@@ -143,6 +143,9 @@ def test_truncated_key_set_is_an_input_error(files, tmp_path):
     del sd["down_blocks.0.resnets.0.conv1.weight"]
     save_file(sd, str(tmp_path / "broken.safetensors"))
     assert "ControlNet layout" in _one_line_error(tmp_path / "broken.safetensors", "sd15")
+    whole = files[("sd15", "ldm", "control_model.")].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 2])  # header intact, tensors cut
+    assert "cannot read its tensors" in _one_line_error(tmp_path / "cut.safetensors", "sd15")
 
 
 # -- control images ---------------------------------------------------------------------------
@@ -331,3 +334,30 @@ def test_canny_matches_opencv():
             np.testing.assert_array_equal(canny_edges(g, lo, hi), ref)
             ours = np.asarray(canny(im, lo, hi))[..., 0] > 0
             assert (ours != (cv2.Canny(g, lo, hi) > 0)).sum() <= 0.01 * ref.sum()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_real_size_configs_are_inferred_from_shapes(family):
+    """The real SD1.5 / SDXL ControlNet layouts (built on the meta device from the shipped UNet
+    configs: no memory, no weights) give back their config from shapes alone, in both layouts,
+    without the UNet hint (heads from the shipped config, whose channels they match)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from controlnet_fixtures import controlnet_to_ldm
+    from imagegen.engine.builtin import CONFIG_DIR
+    from imagegen.engine.controlnet import _fits, _to_diffusers, infer_controlnet_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(CONFIG_DIR / family / "unet")))
+        want = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    shapes = {k: tuple(v.shape) for k, v in want.state_dict().items()}
+    for named in (shapes, _to_diffusers(controlnet_to_ldm(shapes, want.config.layers_per_block), "control_model.")):
+        got = infer_controlnet_config(named, family)
+        with torch.device("meta"):
+            model = ControlNetModel(**got)
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+        for key in ("attention_head_dim", "cross_attention_dim", "use_linear_projection", "addition_time_embed_dim",
+                    "projection_class_embeddings_input_dim", "conditioning_channels"):
+            a, b = want.config[key], got.get(key)
+            assert (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b), key
+        _fits("x.safetensors", got, family, None)  # the right width for the family

@@ -271,7 +271,12 @@ def load_controlnet(path: str | Path, family: str, *, device: str = "cpu", dtype
     from diffusers import ControlNetModel
     from safetensors.torch import load_file
 
-    sd = load_file(str(p))
+    from .engine import _one_line
+
+    try:
+        sd = load_file(str(p))
+    except Exception as e:  # safetensors' own error class: a truncated or damaged file
+        raise ModelError(f"ControlNet {p}: cannot read its tensors: {_one_line(e)}") from None
     if layout == "ldm":
         sd = _to_diffusers(sd, prefix)
     with torch.device("meta"):
@@ -280,8 +285,6 @@ def load_controlnet(path: str | Path, family: str, *, device: str = "cpu", dtype
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        from .engine import _one_line
-
         raise ModelError(f"ControlNet {p}: its tensors do not fit the inferred {layout} layout: {_one_line(e)}") from None
     del sd
     model.eval()
