@@ -17,6 +17,10 @@ from imagegen.errors import ModelError
 from imagegen.models import BUILTIN_FAMILY, FAMILY_NAMES, SD15, SDXL
 
 FAMILIES: tuple[str, ...] = FAMILY_NAMES
+INPAINT_CHANNELS = 9  # UNet input channels of an inpainting model: latents 4 + mask 1 + masked image 4
+INPAINT_WHAT = "an inpainting model"  # what `classify_checkpoint_keys` says of one (family known)
+INPAINT_ONLY = ("is an inpainting model (its UNet takes 9 input channels): it renders img2img and inpainting "
+                "jobs only; give `init_image:` (and `mask:`), or use a base checkpoint for text-to-image")
 
 _UNET = "model.diffusion_model."
 _MAX_HEADER = 100 * 1024 * 1024
@@ -115,23 +119,24 @@ def classify_checkpoint_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[str | 
         return None, "an SDXL refiner (OpenCLIP-G text encoder only)"
     if has("cond_stage_model.model."):
         return None, f"a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder, context dim {ctx})"
-    if in_ch is not None and in_ch != 4:
-        kind = {9: "an inpainting", 8: "an instruct-pix2pix style"}.get(in_ch, "a non-standard")
+    if in_ch is not None and in_ch not in (4, INPAINT_CHANNELS):
+        kind = {8: "an instruct-pix2pix style"}.get(in_ch, "a non-standard")
         return None, f"{kind} model (UNet takes {in_ch} input channels, not 4)"
+    inpaint = in_ch == INPAINT_CHANNELS
     if clip_l_xl in shapes and open_clip_xl in shapes:
         want = shapes[clip_l_xl][1] + shapes[open_clip_xl][1]
         if ctx is not None and ctx != want:
             return None, f"an SDXL-like checkpoint whose UNet context dim {ctx} != {want}"
         if not has(_UNET + "label_emb."):
             return None, "an SDXL-like checkpoint without the UNet `label_emb` (size conditioning)"
-        return "sdxl", "SDXL base"
+        return "sdxl", INPAINT_WHAT if inpaint else "SDXL base"
     if clip_l_sd1 in shapes:
         hidden = shapes[clip_l_sd1][1]
         if ctx == 1024:
             return None, "a Stable Diffusion 2.x UNet (context dim 1024)"
         if ctx is not None and ctx != hidden:
             return None, f"an SD1-like checkpoint whose UNet context dim {ctx} != text width {hidden}"
-        return "sd15", "SD1.x"
+        return "sd15", INPAINT_WHAT if inpaint else "SD1.x"
     if ctx == 1024:
         return None, "a Stable Diffusion 2.x UNet (context dim 1024)"
     if has(_UNET + "label_emb."):
@@ -152,34 +157,45 @@ def _folder_family(folder: Path) -> tuple[str | None, str]:
         pass
     in_ch = unet_cfg.get("in_channels", 4)
     ctx = unet_cfg.get("cross_attention_dim")
-    if cls == "StableDiffusionXLPipeline":
+    if cls in ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"):
         if not index.get("text_encoder") or index.get("text_encoder") == [None, None]:
             return None, "an SDXL pipeline without `text_encoder` (refiner layout)"
-        if in_ch != 4:
+        if in_ch not in (4, INPAINT_CHANNELS):
             return None, f"an SDXL pipeline whose UNet takes {in_ch} input channels"
-        return "sdxl", "SDXL (diffusers folder)"
-    if cls == "StableDiffusionPipeline":
+        return "sdxl", INPAINT_WHAT if in_ch == INPAINT_CHANNELS else "SDXL (diffusers folder)"
+    if cls in ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"):
         if ctx == 1024:
             return None, "a Stable Diffusion 2.x pipeline (cross_attention_dim 1024)"
-        if in_ch != 4:
-            return None, f"a pipeline whose UNet takes {in_ch} input channels (inpainting?)"
-        return "sd15", "SD1.x (diffusers folder)"
+        if in_ch not in (4, INPAINT_CHANNELS):
+            return None, f"a pipeline whose UNet takes {in_ch} input channels"
+        return "sd15", INPAINT_WHAT if in_ch == INPAINT_CHANNELS else "SD1.x (diffusers folder)"
     return None, f"a `{cls or 'unknown'}` pipeline"
 
 
 def detect_family(path: str | Path) -> str:
     """"sd15" or "sdxl" for a single-file `.safetensors` checkpoint, a diffusers folder, or a
-    `builtin:<name>` reference.
+    `builtin:<name>` reference, of a base model (text-to-image).
 
     Raises ModelError for a missing path, an unreadable file, or anything else (SD2, SD3, Flux,
     inpainting, SDXL refiner, a LoRA or VAE, unknown), saying what was detected.
     """
+    family, inpainting = detect_model(path)
+    if inpainting:
+        raise ModelError(f"{path} {INPAINT_ONLY}")
+    return family
+
+
+def detect_model(path: str | Path) -> tuple[str, bool]:
+    """(family, inpainting) of a checkpoint: as `detect_family`, but an inpainting model (a UNet
+    of 9 input channels, for img2img and inpainting jobs) is accepted, with `inpainting` True.
+
+    Raises ModelError as `detect_family` does for everything else."""
     if str(path).startswith(BUILTIN_PREFIX):
         name = str(path).split(":", 1)[1]
         if name not in BUILTIN_FAMILY:
             raise ModelError(f"unknown builtin model {str(path)!r}; available: "
                              + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_FAMILY))  # fmt: skip
-        return BUILTIN_FAMILY[name]
+        return BUILTIN_FAMILY[name], False
     p = Path(path)
     if p.is_dir():
         if not (p / "model_index.json").is_file():
@@ -195,8 +211,8 @@ def detect_family(path: str | Path) -> str:
     else:
         raise ModelError(f"{p}: file not found")
     if family is None:
-        raise ModelError(f"{p}: unsupported model: detected {what}; supported: SD1.5 and SDXL base")
-    return family
+        raise ModelError(f"{p}: unsupported model: detected {what}; supported: SD1.5 and SDXL base (and their inpainting models)")
+    return family, what == INPAINT_WHAT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,3 +284,38 @@ def check_lora(path: str | Path, family: str) -> None:
     (found,) = votes
     if found != family:
         raise ModelError(f"LoRA {p} is for {found} ({note}) but the model is {family}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNets
+
+# Keys only a ControlNet has, in the diffusers layout and in the original (LDM) one.
+_CONTROLNET_MARKS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "input_hint_block.", "zero_convs.",
+                     "middle_block_out.")
+
+
+def controlnet_family(path: str | Path) -> str | None:
+    """"sd15" or "sdxl" for a ControlNet `.safetensors` file, from its keys (SDXL ControlNets have
+    the size-conditioning `add_embedding` / `label_emb`); None when it cannot tell.
+
+    Raises ModelError naming the file when it is unreadable or not a ControlNet."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        raise ModelError(f"ControlNet {p}: only `.safetensors` files are loaded (pickled files can run code)")
+    shapes = read_safetensors_shapes(p)
+    keys = [k.removeprefix("control_model.") for k in shapes]
+    if not any(k.startswith(_CONTROLNET_MARKS) for k in keys):
+        raise ModelError(f"ControlNet {p}: not a ControlNet (no `controlnet_cond_embedding` or `input_hint_block` keys; "
+                         f"{len(shapes)} tensors)")
+    if any(k.startswith(("add_embedding.", "label_emb.")) for k in keys):
+        return "sdxl"
+    if any(k.startswith(("time_embedding.", "time_embed.")) for k in keys):
+        return "sd15"
+    return None
+
+
+def check_controlnet(path: str | Path, family: str) -> None:
+    """Raises ModelError naming the file when it is not a ControlNet or is for the other family."""
+    found = controlnet_family(path)
+    if found is not None and family in FAMILIES and found != family:
+        raise ModelError(f"ControlNet {path} is for {found} but the model is {family}")

@@ -3,7 +3,7 @@
 Order (outermost first), chosen so that what is costly to switch changes least often:
 
     LoRA set > each LoRA's weight > size > hires size > hires denoise > steps > scheduler
-    > guidance > prompt variant > seed
+    > guidance > input photo > input denoise > each ControlNet's weight > prompt variant > seed
 
 Jobs that share everything but prompt and seed are therefore contiguous, and each LoRA
 stack is applied once per run. Each job has a 1-based `index` (what people say: "I pick 42")
@@ -19,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
+from imagegen.inputs import ALPHA, InputFile
 from imagegen.recipe import LoraUse, PromptVariant, Recipe, axis_counts, hires_label, hires_size, lora_choices
 
 ID_LENGTH = 12
@@ -42,6 +43,54 @@ class HiresPass:
     def content(self) -> dict:
         return {"size": [int(self.width), int(self.height)], "upscaler": self.upscaler, "denoise": float(self.denoise),
                 "steps": int(self.steps), "scheduler": self.scheduler}
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """A job's input photo (img2img; inpainting with a mask). Files are named by path for
+    reading and by sha256 in the id: a new photo under the same name is a new job."""
+
+    photo: str  # absolute path
+    photo_sha256: str
+    denoise: float  # img2img strength: int(steps * denoise) steps run
+    mask: str | None = None  # a mask file's path, "alpha" (the photo's transparency), or None: img2img
+    mask_sha256: str | None = None
+    mask_blur: float = 4.0  # px
+    keep_unmasked: bool = True  # the photo pasted back outside the blurred mask
+
+    def content(self) -> dict:
+        out: dict = {"photo": self.photo_sha256, "denoise": float(self.denoise)}
+        if self.mask is not None:
+            out |= {"mask": ALPHA if self.mask == ALPHA else self.mask_sha256, "mask_blur": float(self.mask_blur),
+                    "keep_unmasked": bool(self.keep_unmasked)}
+        return out
+
+
+@dataclass(frozen=True)
+class ControlUse:
+    """One ControlNet unit of a job. `image` None: the control image is made from the job's photo."""
+
+    model: str  # absolute path of the .safetensors ControlNet
+    image: str | None
+    image_sha256: str | None
+    preprocess: str  # "none" | "canny"
+    low: int
+    high: int
+    weight: float  # controlnet_conditioning_scale
+    start: float  # control_guidance_start (fraction of the steps)
+    end: float
+
+    def content(self) -> dict:
+        out: dict = {"model": self.model, "image": self.image_sha256 or "photo", "preprocess": self.preprocess,
+                     "weight": float(self.weight), "start": float(self.start), "end": float(self.end)}
+        if self.preprocess == "canny":
+            out |= {"low": int(self.low), "high": int(self.high)}
+        return out
+
+    @property
+    def settings(self) -> tuple:
+        """What a batch shares (everything but the control image)."""
+        return (self.model, self.preprocess, self.low, self.high, self.weight, self.start, self.end)
 
 
 @dataclass(frozen=True)
@@ -71,12 +120,16 @@ class Job:
     emphasis: str = "original"
     embeddings: tuple[str, ...] = ()  # textual-inversion files the prompt or negative uses
     hires: HiresPass | None = None  # the second pass, when the recipe has `hires:`
+    input: JobInput | None = None  # the input photo (img2img, inpainting), when the recipe has `init_image:`
+    controlnet: tuple[ControlUse, ...] = ()  # ControlNet units, when the recipe has `controlnet:`
 
     @property
     def group_key(self) -> tuple:
-        """Jobs with equal keys render in one batch group (same model state and latents shape)."""
+        """Jobs with equal keys render in one batch group (same model state and latents shape,
+        one pipeline kind and strength; photos, masks and control images may differ)."""
+        kind = None if self.input is None else (self.input.denoise, self.input.mask is not None)
         return (self.checkpoint, self.vae, self.loras, self.width, self.height, self.steps, self.scheduler, self.guidance,
-                self.clip_skip, self.hires)
+                self.clip_skip, self.hires, kind, tuple(c.settings for c in self.controlnet))
 
     def content(self) -> dict:
         """The canonical content its id hashes (and that reproduces its image)."""
@@ -84,7 +137,7 @@ class Job:
             checkpoint=self.checkpoint, vae=self.vae, loras=self.loras, prompt=self.prompt, negative=self.negative,
             seed=self.seed, width=self.width, height=self.height, steps=self.steps, guidance=self.guidance,
             scheduler=self.scheduler, clip_skip=self.clip_skip, prompt_syntax=self.prompt_syntax, emphasis=self.emphasis,
-            embeddings=self.embeddings, hires=self.hires,
+            embeddings=self.embeddings, hires=self.hires, input=self.input, controlnet=self.controlnet,
         )
 
     def to_dict(self) -> dict:
@@ -96,10 +149,11 @@ class Job:
 def canonical_content(*, checkpoint: str, vae: str | None, loras: tuple[LoraUse, ...], prompt: str, negative: str,
                       seed: int, width: int, height: int, steps: int, guidance: float, scheduler: str, clip_skip: int,
                       prompt_syntax: str = "a1111", emphasis: str = "original", embeddings: tuple[str, ...] = (),
-                      hires: HiresPass | None = None) -> dict:
+                      hires: HiresPass | None = None, input: JobInput | None = None,
+                      controlnet: tuple[ControlUse, ...] = ()) -> dict:
     """What a job's id is the hash of (and what reproduces its image). Prompt-syntax keys appear
-    only when they differ from the defaults, and `hires` only when the job has a second pass, so
-    ids of earlier jobs stay as they were."""
+    only when they differ from the defaults, `hires` only when the job has a second pass, and
+    `input` / `controlnet` only when it has them, so ids of earlier jobs stay as they were."""
     extra: dict = {}
     if prompt_syntax != "a1111":
         extra["prompt_syntax"] = prompt_syntax
@@ -109,6 +163,10 @@ def canonical_content(*, checkpoint: str, vae: str | None, loras: tuple[LoraUse,
         extra["embeddings"] = list(embeddings)
     if hires is not None:
         extra["hires"] = hires.content()
+    if input is not None:
+        extra["input"] = input.content()
+    if controlnet:
+        extra["controlnet"] = [c.content() for c in controlnet]
     return {**extra,
         "model": checkpoint,
         "vae": vae,
@@ -174,9 +232,27 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
     hr = recipe.hires
     targets = hr.targets if hr else (None,)
     denoises = hr.denoise if hr else (None,)
+    ins = recipe.inputs
+    photos: list[tuple[JobInput | None, tuple]] = [(None, ())]
+    if ins.photos:
+        photos = []
+        for photo, label, mask in zip(ins.photos, ins.labels, ins.masks):
+            for d in ins.denoise:
+                mask_path = mask if mask == ALPHA else (mask.path if isinstance(mask, InputFile) else None)
+                mask_sha = mask.sha256 if isinstance(mask, InputFile) else None
+                photos.append((JobInput(photo.path, photo.sha256, d, mask_path, mask_sha, ins.mask_blur, ins.keep_unmasked),
+                               (("input", label), ("input_denoise", f"{d:g}"))))
+    controls: list[tuple[tuple[ControlUse, ...], tuple]] = [((), ())]
+    if ins.controlnet:
+        controls = []
+        for weights in itertools.product(*(u.weights for u in ins.controlnet)):
+            units = tuple(ControlUse(u.model, u.image.path if u.image else None, u.image.sha256 if u.image else None,
+                                     u.preprocess, u.low, u.high, wt, u.start, u.end) for u, wt in zip(ins.controlnet, weights))
+            cn_labels = tuple((f"controlnet:{i}", f"{wt:g}") for i, wt in enumerate(weights))
+            controls.append((units, cn_labels))
     for lora_set, stack, lora_labels in lora_choices(recipe):
-        for (w, h), target, denoise, steps, scheduler, guidance in itertools.product(
-                recipe.sizes, targets, denoises, recipe.steps, recipe.schedulers, recipe.guidance):
+        for (w, h), target, denoise, steps, scheduler, guidance, (job_input, input_axes), (units, cn_axes) in itertools.product(
+                recipe.sizes, targets, denoises, recipe.steps, recipe.schedulers, recipe.guidance, photos, controls):
             hires = None
             hires_axes: tuple[tuple[str, str], ...] = ()
             if hr is not None:
@@ -191,11 +267,13 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
                         checkpoint=recipe.checkpoint, vae=recipe.vae, loras=loras, prompt=pv.text, negative=recipe.negative,
                         seed=seed, width=w, height=h, steps=steps, guidance=guidance, scheduler=scheduler, clip_skip=recipe.clip_skip,
                         prompt_syntax=recipe.prompt_syntax, emphasis=recipe.emphasis, embeddings=pv.embeddings, hires=hires,
+                        input=job_input, controlnet=units,
                     )
                     axes = lora_labels + (("size", f"{w}x{h}"),) + hires_axes + (
                         ("steps", str(steps)),
                         ("scheduler", scheduler),
                         ("guidance", f"{guidance:g}"),
+                    ) + input_axes + cn_axes + (
                         ("prompt", labels[number - 1]),
                         ("seed", str(seed)),
                     )
@@ -204,7 +282,7 @@ def iter_jobs(recipe: Recipe) -> Iterator[Job]:
                         loras=loras, lora_set=lora_set, prompt=pv.text, negative=recipe.negative, template=pv.template,
                         variant=number, seed=seed, width=w, height=h, steps=steps, guidance=guidance, scheduler=scheduler,
                         clip_skip=recipe.clip_skip, axes=axes, prompt_syntax=recipe.prompt_syntax, emphasis=recipe.emphasis,
-                        embeddings=pv.embeddings, hires=hires,
+                        embeddings=pv.embeddings, hires=hires, input=job_input, controlnet=units,
                     )
 
 

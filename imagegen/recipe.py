@@ -19,14 +19,14 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from imagegen import prompts as P
-from imagegen import recipe_prompts
+from imagegen import recipe_inputs, recipe_prompts
 from imagegen.defaults import (
     BUILTIN_PREFIX, DEFAULT_FORMAT, FORMATS, HIRES_UPSCALERS, MAX_HIRES_SCALE, MAX_JOBS_LIMIT, MAX_RECIPE_BYTES, MAX_RENDER_SIDE, MAX_SEED, MAX_UPSCALE_SIDE,
     MAX_YAML_DEPTH, MAX_YAML_VALUES, MIN_RENDER_SIDE, MIN_UPSCALE_SIDE,
 )
 from imagegen.errors import ModelError, RecipeError
 from imagegen.fsutil import not_a_regular_file
-from imagegen.modelfiles import check_lora, detect_family
+from imagegen.modelfiles import check_lora, detect_model
 from imagegen.models import BUILTIN_FAMILY, BUILTIN_FILES, BUILTIN_MODELS, FAMILY_CHOICES, FAMILY_NAMES, default_size
 from imagegen.samplers import lookup_sampler, sampler_names
 
@@ -75,6 +75,8 @@ SCHEMA: dict[str, Any] = {
               "scheduler": None, "keep_first": None},
     "max_jobs": None,
     **{k: None for k in recipe_prompts.SCHEMA_KEYS},  # prompt_syntax, emphasis, embeddings, lora_dir
+    **{k: None for k in recipe_inputs.SCHEMA_KEYS},  # init_image, denoise, mask, mask_blur, keep_unmasked
+    "controlnet": recipe_inputs.CONTROLNET_SCHEMA,
 }
 
 
@@ -201,6 +203,8 @@ class Recipe:
     emphasis: str = "original"  # original | no-norm | ignore
     embeddings: tuple[str, ...] = ()  # textual-inversion files on offer (absolute paths)
     lora_dir: str | None = None  # where `<lora:name:w>` tags find `name.safetensors`
+    inputs: recipe_inputs.InputsSpec = recipe_inputs.InputsSpec()  # init_image, mask, controlnet (recipe_inputs.py)
+    inpainting: bool = False  # the checkpoint is an inpainting model (9-channel UNet): img2img/inpaint jobs only
 
 
 # --- YAML with positions --------------------------------------------------------------------
@@ -536,14 +540,16 @@ def _resolve(base: Path, value: str) -> Path:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 
 
-def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str, str, str | None]:
+def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str, str, str | None, bool]:
+    """(checkpoint, family, VAE, inpainting model)."""
     raw = data.get("model")
     if raw is None:
         doc.problem((), "missing required key `model` (with `checkpoint:`)")
-        return "", "auto", None
+        return "", "auto", None, False
     if not isinstance(raw, dict):
         doc.problem(("model",), f"`model` must be a mapping with `checkpoint:` (and optional `family:`, `vae:`), got {_show(raw)}")
-        return "", "auto", None
+        return "", "auto", None, False
+    inpainting = False
     family = raw.get("family", DEFAULTS["family"])
     if family not in FAMILY_CHOICES:
         doc.problem(("model", "family"), f"`model.family` must be one of {', '.join(FAMILY_CHOICES)}, got {_show(family)}")
@@ -574,10 +580,11 @@ def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str
             elif path.is_file() and path.suffix.lower() not in (".safetensors",):
                 doc.problem(("model", "checkpoint"), f"checkpoint `{path}`: only .safetensors single files are loaded (pickled .ckpt files can run code)")
             else:
-                # Read the family from the file's keys (header only, no torch): SD2, SD3, Flux,
-                # inpainting and refiners are refused here, before any model loads.
+                # Read the family from the file's keys (header only, no torch): SD2, SD3, Flux
+                # and refiners are refused here, before any model loads; an inpainting model is
+                # accepted for img2img / inpainting jobs (recipe_inputs refuses it without).
                 try:
-                    found = detect_family(path)
+                    found, inpainting = detect_model(path)
                 except ModelError as exc:
                     doc.problem(("model", "checkpoint"), exc.message)
                 else:
@@ -604,7 +611,16 @@ def _model(doc: _Doc, data: dict, base: Path, allow_download: bool) -> tuple[str
             elif not p.exists():
                 doc.missing_file(("model", "vae"), f"VAE file not found: `{p}`")
             vae_path = str(p.resolve())
-    return checkpoint, family, vae_path
+    return checkpoint, family, vae_path, inpainting
+
+
+def _input_counts(inputs: recipe_inputs.InputsSpec) -> list[tuple[str, int]]:
+    """(label, number of values) of the input-photo axes, in plan order."""
+    counts = []
+    if inputs.photos:
+        counts += [("input photos", len(inputs.photos)), ("denoise values", len(inputs.denoise))]
+    counts += [(f"weights of ControlNet {i}", len(u.weights)) for i, u in enumerate(inputs.controlnet)]
+    return counts
 
 
 def _lora_entry(doc: _Doc, item: Any, path: Path_, base: Path, *, sweep: bool) -> tuple[str, str, tuple[float, ...]] | None:
@@ -1048,7 +1064,7 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     if name and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
         doc.problem(("name",), f"`name` {_show(name)} must be letters, digits, `.`, `_` or `-` (it names the run folder)")
     _text(doc, data, "description")
-    checkpoint, family, vae = _model(doc, data, base, allow_download)
+    checkpoint, family, vae, inpainting = _model(doc, data, base, allow_download)
     loras, lora_sets = _loras(doc, data, base)
     max_jobs = _max_jobs(doc, data)
     seeds = _seeds(doc, data, max_jobs)
@@ -1060,9 +1076,11 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     steps = _axis(doc, data, "steps", _int_in(doc, "steps", 1, 500), DEFAULTS["steps"])
     guidance = _axis(doc, data, "guidance", _num_in(doc, "guidance", 0.0, 50.0), DEFAULTS["guidance"])
     schedulers = _axis(doc, data, "scheduler", _scheduler(doc), DEFAULTS["scheduler"])
+    inputs = recipe_inputs.read(doc, data, base, family=family, inpainting_model=inpainting, sizes=sizes, steps=steps,
+                                checkpoint=checkpoint)
     others = [("LoRA sets", len(lora_sets) or 1)] + [(f"weights of LoRA {s.name}", len(s.weights)) for s in loras] + [
         ("sizes", len(sizes)), ("step counts", len(steps)), ("schedulers", len(schedulers)),
-        ("guidance values", len(guidance))]
+        ("guidance values", len(guidance))] + _input_counts(inputs)
     templates, variants, _ = _prompt_variants(
         doc, data, base, lambda n: _over_cap(others + [("prompt variants", n), ("seeds", len(seeds))], max_jobs))
     negative = _text(doc, data, "negative", default=DEFAULTS["negative"]) or ""
@@ -1122,6 +1140,8 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         emphasis=prompt_cfg.emphasis,
         embeddings=prompt_cfg.embeddings,
         lora_dir=prompt_cfg.lora_dir,
+        inputs=inputs,
+        inpainting=inpainting,
     )
     _check_job_count(doc, data, recipe)
     return recipe
@@ -1211,6 +1231,7 @@ def axis_counts(recipe: Recipe) -> list[tuple[str, int]]:
         ("step counts", len(recipe.steps)),
         ("schedulers", len(recipe.schedulers)),
         ("guidance values", len(recipe.guidance)),
+        *_input_counts(recipe.inputs),
         ("prompt variants", len(recipe.prompts)),
         ("seeds", len(recipe.seeds)),
     ]

@@ -80,14 +80,17 @@ def plan_cmd(
     if limit:
         table = Table(title=f"First {min(limit, len(jobs))} of {len(jobs)} jobs", title_justify="left")
         hires = any(j.hires for j in jobs)
-        cols = ("#", "id", "seed", "size", *(("hires", "denoise") if hires else ()), "steps", "cfg", "scheduler", "loras", "prompt")
+        photo = any(j.input for j in jobs)
+        cols = ("#", "id", "seed", "size", *(("hires", "denoise") if hires else ()), *(("input", "strength") if photo else ()),
+                "steps", "cfg", "scheduler", "loras", "prompt")
         for col in cols:
             table.add_column(col, overflow="fold" if col == "prompt" else "ellipsis", no_wrap=col != "prompt")
         for j in jobs[:limit]:
             loras = ", ".join(f"{lu.name}:{lu.weight:g}" for lu in j.loras) or "-"
             hr = (f"{j.hires.width}x{j.hires.height}", f"{j.hires.denoise:g}") if j.hires else (("-", "-") if hires else ())
-            table.add_row(str(j.index), j.id, str(j.seed), f"{j.width}x{j.height}", *hr, str(j.steps), f"{j.guidance:g}", j.scheduler,
-                          Text(loras), Text(j.prompt))
+            ph = ((Text(dict(j.axes).get("input", "-")), f"{j.input.denoise:g}") if j.input else ("-", "-")) if photo else ()
+            table.add_row(str(j.index), j.id, str(j.seed), f"{j.width}x{j.height}", *hr, *ph, str(j.steps), f"{j.guidance:g}",
+                          j.scheduler, Text(loras), Text(j.prompt))
         console.print(table)
 
 
