@@ -19,8 +19,9 @@ from imagegen.models import BUILTIN_FAMILY, FAMILY_NAMES, SD15, SDXL
 FAMILIES: tuple[str, ...] = FAMILY_NAMES
 INPAINT_CHANNELS = 9  # UNet input channels of an inpainting model: latents 4 + mask 1 + masked image 4
 INPAINT_WHAT = "an inpainting model"  # what `classify_checkpoint_keys` says of one (family known)
-INPAINT_ONLY = ("is an inpainting model (its UNet takes 9 input channels): it renders img2img and inpainting "
-                "jobs only; give `init_image:` (and `mask:`), or use a base checkpoint for text-to-image")
+INPAINT_ONLY = ("unsupported model: detected an inpainting model (UNet takes 9 input channels), which renders "
+                "img2img and inpainting jobs only: give `init_image:` (and `mask:`), or use a base checkpoint for "
+                "text-to-image")
 
 _UNET = "model.diffusion_model."
 _MAX_HEADER = 100 * 1024 * 1024
@@ -181,7 +182,7 @@ def detect_family(path: str | Path) -> str:
     """
     family, inpainting = detect_model(path)
     if inpainting:
-        raise ModelError(f"{path} {INPAINT_ONLY}")
+        raise ModelError(f"{path}: {INPAINT_ONLY}")
     return family
 
 

@@ -20,7 +20,8 @@ class Family:
     name: str  # recipe spelling: `model.family: sd15`
     label: str  # how messages name it
     pipeline_class: str  # diffusers pipeline class name (txt2img)
-    img2img_class: str  # diffusers img2img pipeline class name (the hires pass; shares the components)
+    img2img_class: str  # diffusers img2img pipeline class name (the hires pass, input photos; shares the components)
+    inpaint_class: str  # diffusers inpainting pipeline class name (inpainting checkpoints' 9-channel UNets)
     text_encoders: tuple[str, ...]  # pipeline component names of the text encoders, in order
     tokenizers: tuple[str, ...]  # pipeline component names of the tokenizers, in order
     default_size: tuple[int, int]  # (width, height) when a recipe gives no `size`
@@ -38,6 +39,7 @@ class Family:
 
 SD15 = Family(
     name="sd15", label="SD1.5", pipeline_class="StableDiffusionPipeline", img2img_class="StableDiffusionImg2ImgPipeline",
+    inpaint_class="StableDiffusionInpaintPipeline",
     text_encoders=("text_encoder",), tokenizers=("tokenizer",),
     default_size=(512, 512), context_dim=768, pooled_text=False,
     detection_keys=("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",),
@@ -46,6 +48,7 @@ SD15 = Family(
 )
 SDXL = Family(
     name="sdxl", label="SDXL", pipeline_class="StableDiffusionXLPipeline", img2img_class="StableDiffusionXLImg2ImgPipeline",
+    inpaint_class="StableDiffusionXLInpaintPipeline",
     text_encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
     default_size=(1024, 1024), context_dim=2048, pooled_text=True,
     detection_keys=("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",

@@ -188,6 +188,8 @@ def test_detect_rejects(kind, message, tmp_path):
     path = write_fake_safetensors(tmp_path / f"{kind}.safetensors", fake_checkpoint_shapes(kind))
     with pytest.raises(ModelError, match=f"{kind}.safetensors: unsupported model: detected .*{message}"):
         detect_family(path)
+    if kind == "inpaint":  # loads for img2img / inpainting requests (test_photo_engine.py); this one has no weights
+        return
     with pytest.raises(ModelError, match=message):
         open_engine(str(path), device="cpu")
 

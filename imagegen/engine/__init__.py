@@ -14,6 +14,7 @@ from .builtin import BUILTIN_MODELS
 from ..modelfiles import check_lora, detect_family
 from .engine import Engine, EngineDeviceError, EngineOOM, GenRequest, GenResult
 from .hires import HiresRequest
+from .photo import InitRequest
 from .loading import open_engine
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "GenRequest",
     "GenResult",
     "HiresRequest",
+    "InitRequest",
     "check_lora",
     "detect_family",
     "open_engine",

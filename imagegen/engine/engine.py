@@ -18,11 +18,12 @@ from ..defaults import MAX_SEED
 from ..models import FAMILIES
 from .device_errors import EngineDeviceError, EngineOOM, classify, free_device_memory
 from .hires import HiresRequest
+from .photo import InitRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
 
-__all__ = ["Engine", "EngineDeviceError", "EngineOOM", "GenRequest", "GenResult"]
+__all__ = ["Engine", "EngineDeviceError", "EngineOOM", "GenRequest", "GenResult", "InitRequest"]
 
 @dataclass(frozen=True)
 class GenRequest:
@@ -47,6 +48,7 @@ class GenRequest:
     prompt_syntax: str = "a1111"  # "a1111": weights, BREAK, 75-token chunks; "plain": text as written (<= 75 tokens)
     emphasis: str = "original"  # A1111 emphasis: "original" | "no-norm" | "ignore" (see engine/text.py)
     hires: HiresRequest | None = None  # a second pass at a larger size (engine/hires.py)
+    init: InitRequest | None = None  # an input photo: img2img, or inpainting with a mask (engine/photo.py)
 
 
 @dataclass
@@ -92,7 +94,11 @@ class Engine:
     """
 
     def __init__(self, pipeline: Any, *, family: str, device: str, dtype: str, model_name: str) -> None:
+        from ..modelfiles import INPAINT_CHANNELS
+
         self.pipeline = pipeline
+        # An inpainting checkpoint (9-channel UNet): img2img and inpainting requests only.
+        self.inpainting = getattr(getattr(pipeline, "unet", None), "config", {}).get("in_channels") == INPAINT_CHANNELS
         self.family = family
         self.spec = FAMILIES[family]  # the family's record: what differs between SD1.5 and SDXL
         self.device = device
@@ -105,7 +111,8 @@ class Engine:
         self._prompt_cache: dict[tuple, tuple] = {}
         self.compiled = False  # torch.compile'd UNet and VAE decoder (see `compile`)
         self._text_state = None  # textual-inversion embeddings (engine/text.py TextState)
-        self._img2img: Any = None  # the img2img pipeline over the same components (hires pass)
+        self._img2img: Any = None  # the img2img pipeline over the same components (hires pass, input photos)
+        self._inpaint: Any = None  # the inpainting pipeline over the same components (9-channel UNets)
         self._hires_upscalers: dict[str, Any] = {}  # Real-ESRGAN weight file -> loaded Upscaler
 
     # -- the hires pass's pipelines ------------------------------------------------------------
@@ -119,6 +126,16 @@ class Engine:
             self._img2img = getattr(diffusers, self.spec.img2img_class).from_pipe(self.pipeline)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
+
+    def inpaint_pipeline(self) -> Any:
+        """The family's inpainting pipeline over this engine's components (`from_pipe`), for an
+        inpainting checkpoint's 9-channel UNet."""
+        if self._inpaint is None:
+            import diffusers
+
+            self._inpaint = getattr(diffusers, self.spec.inpaint_class).from_pipe(self.pipeline)
+            self._inpaint.set_progress_bar_config(disable=True)
+        return self._inpaint
 
     def hires_upscaler(self, path: str) -> Any:
         """The Real-ESRGAN network of `path`, loaded once on this engine's device."""
@@ -320,6 +337,14 @@ class Engine:
                 raise InputError(f"`prompt_syntax` must be one of {', '.join(PROMPT_SYNTAXES)} and `emphasis` one of "
                                  f"{', '.join(EMPHASES)}; got {r.prompt_syntax!r}, {r.emphasis!r}")
         scheduler_spec(first.scheduler)
+        from .photo import check_init
+
+        check_init(first, requests)
+        if self.inpainting and first.init is None:
+            raise InputError(f"{self.model_name} is an inpainting model (its UNet takes 9 input channels): it renders "
+                             "requests with an input photo only (img2img, inpainting), not text-to-image")
+        if self.inpainting and first.hires is not None:
+            raise InputError(f"{self.model_name} is an inpainting model: a hires pass needs a base checkpoint")
         if first.hires is not None:
             from .hires import check_hires
 
@@ -394,7 +419,7 @@ class Engine:
         import torch
         from PIL import Image
 
-        from . import hires
+        from . import hires, photo
 
         # 1. Check inputs: one size / steps / guidance / scheduler per batch.
         first = self._check(requests)
@@ -435,18 +460,22 @@ class Engine:
             with torch.no_grad(), warnings.catch_warnings(), decode_in_slices_on_oom(getattr(pipe, "vae", None)):
                 warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
                 warnings.filterwarnings("ignore", message="Should have t.*>=t0")  # torchsde float rounding, harmless
-                out = pipe(
-                    width=first.width,
-                    height=first.height,
-                    num_inference_steps=first.steps,
-                    guidance_scale=first.guidance,
-                    generator=generators,
-                    output_type=hires.first_output_type(first.hires) if first.hires else "np",
-                    **kwargs,
-                )
-                images, firsts = out.images, None
+                output_type = hires.first_output_type(first.hires) if first.hires else "np"
+                if first.init is not None:  # an input photo: img2img or inpainting (engine/photo.py)
+                    firsts_out = photo.first_pass(self, requests, generators, kwargs, output_type)
+                else:
+                    firsts_out = pipe(
+                        width=first.width,
+                        height=first.height,
+                        num_inference_steps=first.steps,
+                        guidance_scale=first.guidance,
+                        generator=generators,
+                        output_type=output_type,
+                        **kwargs,
+                    ).images
+                images, firsts = firsts_out, None
                 if first.hires is not None:  # 6. The hires pass, on the same generators.
-                    images, firsts = hires.second_pass(self, first.hires, out.images, requests, generators, kwargs,
+                    images, firsts = hires.second_pass(self, first.hires, firsts_out, requests, generators, kwargs,
                                                        first.guidance)
         except BaseException as e:
             size = f"{first.width}x{first.height}" + (f" then {first.hires.width}x{first.hires.height}" if first.hires else "")
@@ -460,14 +489,17 @@ class Engine:
             free_device_memory()
             raise failure
 
-        # 7. NaN check and 8-bit RGB, rounded as diffusers rounds its PIL output.
+        # 7. NaN check and 8-bit RGB, rounded as diffusers rounds its PIL output; with
+        #    `keep_unmasked`, the photo pasted back outside the mask.
         results = []
         for i, arr in enumerate(images):
             if not np.isfinite(arr).all():
                 results.append(GenResult(None, "NaN in output"))
                 continue
-            kept = Image.fromarray(firsts[i]) if firsts is not None else None
-            results.append(GenResult(Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB"), first=kept))
+            init = requests[i].init
+            kept = photo.paste_back(Image.fromarray(firsts[i]), init, hires=False) if firsts is not None else None
+            image = Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB")
+            results.append(GenResult(photo.paste_back(image, init, hires=first.hires is not None), first=kept))
         return results
 
 

@@ -21,7 +21,7 @@ from ..errors import InputError, ModelError
 from ..models import FAMILIES as FAMILY_RECORDS
 from ..models import FAMILY_BY_PIPELINE
 from . import builtin
-from ..modelfiles import FAMILIES, detect_family
+from ..modelfiles import FAMILIES, INPAINT_CHANNELS, detect_model
 from .engine import Engine, _one_line
 
 
@@ -113,8 +113,10 @@ def open_engine(
     Nothing touches the network unless `allow_download` is true (the hub is put offline).
     `_config_dir` (tests) replaces the shipped component configs used for single files.
 
-    Raises ModelError for missing or unsupported models (SD2, SD3, Flux, inpainting, refiner,
-    unknown layouts) or a `family` that disagrees with the file; InputError for a bad device,
+    An inpainting checkpoint (9-channel UNet) loads too; its `Engine.inpainting` is True and it
+    renders requests with an input photo only.
+
+    Raises ModelError for missing or unsupported models (SD2, SD3, Flux, refiner, unknown layouts) or a `family` that disagrees with the file; InputError for a bad device,
     dtype or family name.
     """
     if allow_download:
@@ -132,7 +134,7 @@ def open_engine(
     ref = str(checkpoint)
 
     # 1. Find what the reference points at, and its family.
-    kind, model_name = "", ""
+    kind, model_name, inpainting = "", "", False
     if ref.startswith("builtin:"):
         name = ref.split(":", 1)[1]
         if name not in builtin.BUILTIN_MODELS:
@@ -142,7 +144,7 @@ def open_engine(
     else:
         path = Path(ref).expanduser()
         if path.exists():
-            found = detect_family(path)
+            found, inpainting = detect_model(path)  # an inpainting model renders photo requests only (Engine)
             kind = "folder" if path.is_dir() else "file"
             model_name = path.name if path.is_dir() else path.stem
         elif _looks_like_hub_id(ref):
@@ -164,7 +166,7 @@ def open_engine(
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         vae_obj = _load_vae(vae, fam or "sd15", torch_dtype, cfg_dir) if vae else None
         try:
-            pipe, fam = _load_pipeline(kind, ref, fam, dev, torch_dtype, cfg_dir, vae_obj)
+            pipe, fam = _load_pipeline(kind, ref, fam, dev, torch_dtype, cfg_dir, vae_obj, inpainting)
         except ModelError:
             raise
         except Exception as e:  # diffusers raises its own classes too (SingleFileComponentError, ...)
@@ -177,7 +179,8 @@ def open_engine(
     return Engine(pipe, family=fam, device=dev, dtype=DTYPE_SHORT[dt_name], model_name=model_name)
 
 
-def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cfg_dir: Path, vae_obj: Any):
+def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cfg_dir: Path, vae_obj: Any,
+                   inpainting: bool = False):
     extra: dict[str, Any] = {"vae": vae_obj} if vae_obj is not None else {}
     if kind == "builtin":
         name = ref.split(":", 1)[1]
@@ -194,6 +197,12 @@ def _load_pipeline(kind: str, ref: str, fam: str, dev: str, torch_dtype: Any, cf
         return pipe, fam
     if kind == "file":
         extra.update(_bare_clip_text_encoder(ref, cfg_dir, torch_dtype))
+        if inpainting:  # the shipped UNet config has 4 input channels; an inpainting UNet takes 9
+            from diffusers import UNet2DConditionModel
+
+            extra["unet"] = UNet2DConditionModel.from_single_file(
+                ref, config=str(cfg_dir), subfolder="unet", in_channels=INPAINT_CHANNELS, local_files_only=True,
+                torch_dtype=torch_dtype)
         pipe = _pipeline_class(fam).from_single_file(
             ref, config=str(cfg_dir), local_files_only=True, torch_dtype=torch_dtype,
             **builtin.tokenizers(fam), **_extra_kwargs(fam), **extra,
