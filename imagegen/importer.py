@@ -19,13 +19,15 @@ from typing import Any
 import yaml
 
 from imagegen.errors import InputError
-from imagegen.metadata import PARAMETERS_KEY, PROVENANCE_KEY, parse_hires, parse_parameters, read_png_text
+from imagegen.metadata import (
+    HIRES_DENOISE, PARAMETERS_KEY, PROVENANCE_KEY, parse_controlnet, parse_hires, parse_parameters, read_png_text,
+)
 from imagegen.samplers import lookup_sampler
 
 # Infotext fields that become recipe keys (the rest are kept as comments).
 _USED = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Clip skip", "Emphasis",
          "Denoising strength", "Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler",
-         "Hires schedule type"}
+         "Hires schedule type", HIRES_DENOISE, "Mask blur"}
 _EMPHASIS = {"Original": "original", "No norm": "no-norm", "None": "ignore"}
 
 
@@ -154,8 +156,35 @@ def from_provenance(prov: dict, name: str) -> Imported:
         lines.append(_dump("embeddings", list(c["embeddings"])))
     if c.get("hires"):
         lines += _hires_lines(prov)
+    lines += _input_lines(prov)
     lines.append(_dump("output", f"runs/{name}"))
     return Imported("\n".join(lines) + "\n")
+
+
+def _input_lines(prov: dict) -> list[str]:
+    """`init_image`, `denoise`, `mask` ... and `controlnet:` of an imagegen job, from the paths its
+    JSON recorded (the recipe checks their sha256 again: a changed photo is a new job)."""
+    c, lines = prov["content"], []
+    ci, pi = c.get("input"), prov.get("input") or {}
+    if ci:
+        lines += [_dump("init_image", pi.get("photo", "PHOTO.png")), _dump("denoise", ci["denoise"])]
+        if "mask" in ci:
+            lines += [_dump("mask", pi.get("mask", "MASK.png")), _dump("mask_blur", ci["mask_blur"]),
+                      _dump("keep_unmasked", ci["keep_unmasked"])]
+    units = prov.get("controlnet") or []
+    if c.get("controlnet"):
+        lines.append("controlnet:")
+        for cu, pu in zip(c["controlnet"], units + [{}] * len(c["controlnet"])):
+            entry: dict[str, Any] = {"model": cu["model"]}
+            if cu["image"] != "photo":
+                entry["image"] = pu.get("image", "CONTROL.png")
+            if cu["preprocess"] != "none":
+                entry["preprocess"] = cu["preprocess"]
+            if cu["preprocess"] == "canny":
+                entry |= {"low": cu["low"], "high": cu["high"]}
+            entry |= {"weight": cu["weight"], "start": cu["start"], "end": cu["end"]}
+            lines.append("  - " + _value(entry))
+    return lines
 
 
 def _hires_lines(prov: dict) -> list[str]:
@@ -264,12 +293,13 @@ def from_infotext(text: str, name: str, *, lora_dir: Path | None = None, model: 
             lines.append("  " + _dump("steps", hires["steps"]))
         if hires["scheduler"]:
             lines.append("  " + _dump("scheduler", hires["scheduler"]))
+    lines += _infotext_input_lines(fields, hires is not None, notes)
     if fields.get("TI hashes"):
         notes.append(f"the prompt uses textual-inversion embeddings ({fields['TI hashes']}): add `embeddings:`")
     if lora_dir is not None and not p["loras"] and "<lora:" in text:
         notes.append("`<lora:...>` tags found but not read")
     lines.append(_dump("output", f"runs/{name}"))
-    kept = [(k, v) for k, v in fields.items() if k not in _USED]
+    kept = [(k, v) for k, v in fields.items() if k not in _USED and not k.startswith("ControlNet ")]
     if kept:
         lines.append("# infotext fields without a recipe key (kept here, not used):")
         lines += [f"#   {k}: {' '.join(str(v).splitlines())}" for k, v in kept]
@@ -277,6 +307,43 @@ def from_infotext(text: str, name: str, *, lora_dir: Path | None = None, model: 
         lines.append("# check before rendering:")
         lines += [f"#   {n}" for n in notes]
     return Imported("\n".join(lines) + "\n", notes)
+
+
+def _infotext_input_lines(fields: dict[str, Any], has_hires: bool, notes: list[str]) -> list[str]:
+    """img2img / inpainting / ControlNet keys of A1111 infotext: `Denoising strength` is the photo's
+    when the image has no hires pass (or names the hires one `Hires denoising strength`)."""
+    lines: list[str] = []
+    img2img = "Denoising strength" in fields and (not has_hires or HIRES_DENOISE in fields)
+    if img2img:
+        lines.append(_dump("init_image", "PHOTO.png"))
+        notes.append("the image was made from an input photo, which infotext does not name: set `init_image`")
+        try:
+            lines.append(_dump("denoise", float(fields["Denoising strength"])))
+        except ValueError:
+            notes.append(f"`Denoising strength: {fields['Denoising strength']}` is not a number")
+        if "Mask blur" in fields:
+            lines.append(_dump("mask", "MASK.png"))
+            notes.append("the image was inpainted: set `mask` (white = repaint), or `mask: alpha`")
+            try:
+                lines.append(_dump("mask_blur", float(fields["Mask blur"])))
+            except ValueError:
+                pass
+    units = parse_controlnet(fields)
+    if units:
+        lines.append("controlnet:")
+        for u in units:
+            entry: dict[str, Any] = {"model": f"{u['model'] or 'CONTROLNET'}.safetensors"}
+            if not img2img:
+                entry["image"] = "CONTROL.png"
+            if u["module"] == "canny":
+                entry["preprocess"] = "canny"
+                entry |= {k: u[k] for k in ("low", "high") if u[k] is not None}
+            elif u["module"] not in (None, "none"):
+                notes.append(f"ControlNet module `{u['module']}` is not one imagegen has (canny, none)")
+            entry |= {k: u[k] for k in ("weight", "start", "end") if u[k] is not None}
+            lines.append("  - " + _value(entry))
+            notes.append(f"ControlNet model `{u['model']}` (hash {u['model_hash'] or '?'}): set its `.safetensors` path")
+    return lines
 
 
 def import_image(path: str | Path, *, lora_dir: str | Path | None = None, model: str | Path | None = None,

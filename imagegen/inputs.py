@@ -123,7 +123,7 @@ def fit(image: "Image.Image", width: int, height: int) -> "Image.Image":
     return image.resize((width, height), Image.LANCZOS, box=box)
 
 
-def _open(path: str | Path, sha256: str | None) -> "Image.Image":
+def open_image(path: str | Path, sha256: str | None) -> "Image.Image":
     """The decoded image at `path`; with `sha256`, the file must still be what the recipe hashed."""
     from PIL import Image
 
@@ -153,7 +153,7 @@ def flatten(image: "Image.Image") -> "Image.Image":
 
 def load_photo(path: str | Path, width: int, height: int, sha256: str | None = None) -> "Image.Image":
     """The photo at `path` as RGB at `width`x`height` by the resize rule. Raises InputError."""
-    return fit(flatten(_open(path, sha256)), width, height)
+    return fit(flatten(open_image(path, sha256)), width, height)
 
 
 def load_mask(mask: str, photo: str | Path, width: int, height: int, blur: float, *, mask_sha256: str | None = None,
@@ -163,13 +163,13 @@ def load_mask(mask: str, photo: str | Path, width: int, height: int, blur: float
     to the photo's size first), or ALPHA for the photo's transparency. Raises InputError."""
     from PIL import Image, ImageFilter, ImageOps
 
-    source = _open(photo, photo_sha256)
+    source = open_image(photo, photo_sha256)
     if mask == ALPHA:
         if "A" not in source.getbands() and not (source.mode == "P" and "transparency" in source.info):
             raise InputError(f"`mask: alpha`: `{photo}` has no alpha channel")
         m = ImageOps.invert(source.convert("RGBA").getchannel("A"))
     else:
-        m = _open(mask, mask_sha256).convert("L")
+        m = open_image(mask, mask_sha256).convert("L")
         if m.size != source.size:
             problem = mask_size_problem(m.size, source.size)
             if problem:
@@ -201,6 +201,9 @@ def paste_unmasked(rendered: "Image.Image", photo: "Image.Image", mask: "Image.I
     return Image.composite(rendered.convert("RGB"), photo.convert("RGB"), mask.convert("L"))
 
 
-def thumbnail_name(sha256: str) -> str:
-    """The file name of an input's thumbnail under the run folder's `thumbs/inputs/`."""
-    return f"{sha256[:12]}.jpg"
+INPUT_THUMBS = "inputs"  # the run folder's thumbs/inputs/: one thumbnail per input photo
+
+
+def thumbnail_path(thumbs: Path, sha256: str) -> Path:
+    """Where the thumbnail of the input photo with `sha256` lives under a run's `thumbs` folder."""
+    return Path(thumbs) / INPUT_THUMBS / f"{sha256[:12]}.jpg"

@@ -168,7 +168,7 @@ def parse_hires(fields: dict[str, Any]) -> dict[str, Any] | None:
             w, _, h = str(fields["Hires resize"]).partition("x")
             out["size"] = [int(w), int(h)]
         out["steps"] = int(fields["Hires steps"]) if int(fields.get("Hires steps", 0) or 0) > 0 else None
-        out["denoise"] = float(fields.get("Denoising strength", 0.7))
+        out["denoise"] = float(fields.get(HIRES_DENOISE, fields.get("Denoising strength", 0.7)))
     except ValueError:
         return None
     out["upscaler"] = fields.get("Hires upscaler", "Latent")
@@ -180,6 +180,59 @@ def parse_hires(fields: dict[str, Any]) -> dict[str, Any] | None:
         scheduler = spec.name if spec else sampler
     out["scheduler"] = scheduler
     return out
+
+
+# --- input photos and ControlNet in the infotext (A1111's keys) --------------------------------
+
+HIRES_DENOISE = "Hires denoising strength"  # ours: a hires pass's strength when `Denoising strength` is the photo's
+CONTROLNET_KEY = "ControlNet {}"  # A1111's sd-webui-controlnet: one key per unit, `ControlNet 0`, `ControlNet 1`, ...
+CONTROLNET_MODULES = {"canny": "canny", "none": "none"}  # our `preprocess` -> the extension's module name
+
+
+def input_fields(*, denoise: float | None = None, mask_blur: float | None = None,
+                 controlnet: list[dict] = ()) -> dict[str, Any]:
+    """A1111's infotext keys for an input photo and ControlNet units: `Denoising strength`,
+    `Mask blur` (inpainting) and `ControlNet N: "Module: canny, Model: name [hash8], Weight: 0.8,
+    Resize Mode: Crop and Resize, Threshold A: 100, Threshold B: 200, Guidance Start: 0,
+    Guidance End: 0.8"` (the keys sd-webui-controlnet writes). Each unit is a dict with
+    `preprocess`, `model_name`, `model_hash` (or None), `weight`, `start`, `end`, `low`, `high`."""
+    out: dict[str, Any] = {}
+    if denoise is not None:
+        out["Denoising strength"] = f"{denoise:g}"
+    if mask_blur is not None:
+        out["Mask blur"] = f"{mask_blur:g}"
+    for i, u in enumerate(controlnet):
+        model = u["model_name"] + (f" [{u['model_hash'][:8]}]" if u.get("model_hash") else "")
+        parts = [f"Module: {CONTROLNET_MODULES.get(u['preprocess'], u['preprocess'])}", f"Model: {model}",
+                 f"Weight: {u['weight']:g}", "Resize Mode: Crop and Resize"]
+        if u["preprocess"] == "canny":
+            parts += [f"Threshold A: {u['low']}", f"Threshold B: {u['high']}"]
+        parts += [f"Guidance Start: {u['start']:g}", f"Guidance End: {u['end']:g}"]
+        out[CONTROLNET_KEY.format(i)] = ", ".join(parts)
+    return out
+
+
+def parse_controlnet(fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ControlNet units of parsed infotext, in order: `module`, `model` (the name, the
+    `[hash]` cut off), `model_hash`, `weight`, `start`, `end`, `low`, `high` (None when absent)."""
+    units = []
+    i = 0
+    while CONTROLNET_KEY.format(i) in fields:
+        parts = dict(p.split(":", 1) for p in str(fields[CONTROLNET_KEY.format(i)]).split(", ") if ":" in p)
+        parts = {k.strip(): v.strip() for k, v in parts.items()}
+        m = re.fullmatch(r"(.*?)\s*(?:\[([0-9a-fA-F]+)\])?", parts.get("Model", ""))
+
+        def num(key: str, cast: Any = float) -> Any:
+            try:
+                return cast(float(parts[key])) if cast is int else cast(parts[key])
+            except (KeyError, ValueError):
+                return None
+
+        units.append({"module": parts.get("Module"), "model": m.group(1) if m else parts.get("Model"),
+                      "model_hash": m.group(2) if m else None, "weight": num("Weight"), "start": num("Guidance Start"),
+                      "end": num("Guidance End"), "low": num("Threshold A", int), "high": num("Threshold B", int)})
+        i += 1
+    return units
 
 
 # --- PNG text chunks: the one reader and writer ------------------------------------------------

@@ -1108,6 +1108,9 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     output = _resolve(base, output_raw).resolve() if output_raw else Path("runs") / (name or "run")
     upscale = _upscale(doc, data, base)
     hires = _hires(doc, data, base, sizes, steps)
+    if hires is not None and inpainting:
+        doc.problem(("hires",), "`hires` needs a base checkpoint: the second pass is img2img, which an inpainting model "
+                                "(9-channel UNet) cannot run", key=True)
     if doc.problems:
         raise RecipeError(doc.problems)
     recipe = Recipe(

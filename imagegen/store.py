@@ -492,7 +492,7 @@ class RunStore:
         `verify(path, job_id)` returns True); puts `done` rows whose file is gone back to
         pending; renames images whose job index changed with a recipe edit."""
         report = ReconcileReport()
-        for folder in (self.images, self.thumbs, self.sheets, self.folder, self.folder / "recipe-history"):
+        for folder in (self.images, self.thumbs, self.thumbs / "inputs", self.sheets, self.folder, self.folder / "recipe-history"):
             report.temp_removed += remove_temp_files(folder)
         on_disk: dict[str, Path] = {}
         for p in self.images.glob("*.png"):

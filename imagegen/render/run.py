@@ -114,6 +114,13 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
     from imagegen.engine import EngineDeviceError
     from imagegen.history import RateLog, job_model
 
+    from imagegen.render.photos import PhotoCache, write_input_thumbs
+
+    if any(j.controlnet for j in run.pending):
+        raise InputError("`controlnet`: ControlNet units are parsed and planned, but this build cannot render them yet "
+                         "(the engine's ControlNet loader is not merged); remove `controlnet:` to render")
+    write_input_thumbs(store.thumbs, run.jobs)  # the sheets show each photo beside its renders
+    photos = PhotoCache()
     with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
         engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
     if opts.compile:
@@ -183,7 +190,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
                     if _switch_loras(engine, batch, held):
                         current_key = batch[0].group_key
                 submitted = (_render_batch(batch, recipe, engine, hashes, batches, writer, lambda *f: held.append(f), emit,
-                                           scheduler_configs, meter, measured) if current_key is not None else 0)
+                                           scheduler_configs, meter, measured, photos) if current_key is not None else 0)
             except EngineDeviceError as exc:
                 batches.queue.extendleft(reversed(batch))  # not attempted to the end: still pending
                 stopped, stop_reason = RenderStopped(f"render stopped: {exc.message}"), "a device error"
@@ -291,7 +298,7 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
 def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[str, str | None], batches: Batches,
                   writer: ImageWriter, fail: Callable[[Job, str, float | None], None], emit: Callable[[Event], None],
                   scheduler_configs: dict[str, dict], meter: Any,
-                  measured: Callable[[list[Job], float, float | None], None]) -> int | None:
+                  measured: Callable[[list[Job], float, float | None], None], photos: Any = None) -> int | None:
     """Generate one batch and queue its images for writing; returns how many were queued (0 when
     the batch failed: its failures went to `fail`). None when out of memory halved the batch
     size and queued the batch again."""
@@ -299,8 +306,12 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
 
     hr = batch[0].hires  # one group key: every job of the batch has the same second pass
     hires = HiresRequest.from_content(hr.content(), keep_first=hr.keep_first) if hr else None
+    if photos is None:
+        from imagegen.render.photos import PhotoCache
+
+        photos = PhotoCache()
     requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip,
-                           j.prompt_syntax, j.emphasis, hires=hires) for j in batch]
+                           j.prompt_syntax, j.emphasis, hires=hires, init=photos.init_request(j)) for j in batch]
     from imagegen.energy import Span
     from imagegen.render.writer import energy_record
 

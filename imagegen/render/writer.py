@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterable
 from imagegen import __version__
 from imagegen.defaults import RECIPE_INLINE_BYTES
 from imagegen.errors import DiskFullError, ImagegenError, is_disk_full
-from imagegen.metadata import addnet_hash, format_parameters, hires_fields, png_text_chunks, sha256_file
+from imagegen.metadata import (
+    HIRES_DENOISE, addnet_hash, format_parameters, hires_fields, input_fields, png_text_chunks, sha256_file,
+)
 from imagegen.plan import Job
 from imagegen.recipe import Recipe
 from imagegen.fsutil import write_bytes_atomic
@@ -62,13 +64,44 @@ def hires_provenance(job: Job, hashes: dict[str, str | None], scheduler_config: 
     assert hr is not None
     n = max(hr.steps, int(hr.steps / hr.denoise))  # as engine/hires.py img2img_schedule (torch-free here)
     return [
-        {"pass": "txt2img", "size": [job.width, job.height], "steps": job.steps, "scheduler": job.scheduler},
+        {"pass": first_pass_kind(job), "size": [job.width, job.height], "steps": job.steps, "scheduler": job.scheduler},
         {"pass": "hires", "size": [hr.width, hr.height], "given": list(hr.given), "upscaler": hr.upscaler,
          "upscaler_name": hires_upscaler_name(hr.upscaler), "upscaler_sha256": hashes.get(hr.upscaler),
          "denoise": hr.denoise, "steps": hr.steps, "schedule_steps": n, "scheduler": hr.scheduler,
          "strength": min(1.0, (hr.steps + 0.5) / n),  # diffusers' img2img: num_inference_steps=schedule_steps
          "scheduler_config": scheduler_config},
     ]
+
+
+def first_pass_kind(job: Job) -> str:
+    """`txt2img`, `img2img` or `inpaint`: what the first pass of `job` does."""
+    if job.input is None:
+        return "txt2img"
+    return "inpaint" if job.input.mask is not None else "img2img"
+
+
+def inputs_provenance(job: Job, hashes: dict[str, str | None]) -> dict:
+    """A job's input photo, mask and ControlNet units as the JSON records them (paths to find
+    them again, sha256 to know them)."""
+    from imagegen.inputs import ALPHA
+
+    out: dict[str, Any] = {}
+    ji = job.input
+    if ji is not None:
+        out["input"] = {
+            "pass": first_pass_kind(job), "photo": ji.photo, "photo_sha256": ji.photo_sha256, "denoise": ji.denoise,
+            "steps_run": int(job.steps * ji.denoise),  # diffusers and A1111's img2img: int(steps x denoise)
+            "resize": "fit and crop, centred (imagegen.inputs)",
+        }
+        if ji.mask is not None:
+            out["input"] |= {"mask": ji.mask, "mask_sha256": ji.mask_sha256 if ji.mask != ALPHA else ji.photo_sha256,
+                             "mask_blur": ji.mask_blur, "keep_unmasked": ji.keep_unmasked}
+    if job.controlnet:
+        out["controlnet"] = [{"model": c.model, "model_sha256": hashes.get(c.model), "image": (c.image or ji.photo) if ji else c.image,
+                              "image_sha256": c.image_sha256 or (ji.photo_sha256 if ji else None), "preprocess": c.preprocess,
+                              **({"low": c.low, "high": c.high} if c.preprocess == "canny" else {}),
+                              "weight": c.weight, "start": c.start, "end": c.end} for c in job.controlnet]
+    return out
 
 
 def recipe_provenance(recipe: Recipe) -> dict:
@@ -91,6 +124,7 @@ def job_provenance(job: Job, recipe: Recipe | None, hashes: dict[str, str | None
     if job.hires is not None:
         cfg = hires_scheduler_config if hires_scheduler_config is not None else engine.scheduler_config(job.hires.scheduler)
         extra["passes"] = hires_provenance(job, hashes, cfg)
+    extra |= inputs_provenance(job, hashes)
     return {**extra,
         "imagegen": __version__,
         "recipe": recipe_provenance(recipe) if recipe else None,
@@ -139,10 +173,18 @@ def job_parameters(job: Job, hashes: dict[str, str | None], model_name: str, *, 
     """The A1111 `parameters` text for a job (of its first pass alone with `first_pass`)."""
     hr = job.hires
     extra = a1111_extra_fields(job, hashes)
+    ji = job.input
+    units = [{"preprocess": c.preprocess, "model_name": Path(c.model).stem, "model_hash": hashes.get(c.model),
+              "weight": c.weight, "start": c.start, "end": c.end, "low": c.low, "high": c.high} for c in job.controlnet]
+    extra |= input_fields(denoise=ji.denoise if ji else None, mask_blur=ji.mask_blur if ji and ji.mask is not None else None,
+                          controlnet=units)
     if hr is not None and not first_pass:
-        extra |= hires_fields(given=hr.given, width=hr.width, height=hr.height, steps=hr.steps,
-                             upscaler=hires_upscaler_name(hr.upscaler), denoise=hr.denoise, scheduler=hr.scheduler,
-                             first_scheduler=job.scheduler)
+        fields = hires_fields(given=hr.given, width=hr.width, height=hr.height, steps=hr.steps,
+                              upscaler=hires_upscaler_name(hr.upscaler), denoise=hr.denoise, scheduler=hr.scheduler,
+                              first_scheduler=job.scheduler)
+        if ji is not None:  # `Denoising strength` is the photo's; the hires pass's gets its own key
+            fields = {(HIRES_DENOISE if k == "Denoising strength" else k): v for k, v in fields.items()}
+        extra |= fields
     return format_parameters(
         prompt=job.prompt, negative=job.negative, steps=job.steps, scheduler=job.scheduler, guidance=job.guidance, seed=job.seed,
         width=job.width, height=job.height, model_name=model_name, model_hash=hashes.get(job.checkpoint),
@@ -186,7 +228,8 @@ def file_hashes(jobs: Iterable[Job]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for job in jobs:
         upscaler = job.hires.upscaler if job.hires and os.path.isabs(job.hires.upscaler) else None
-        for ref in (job.checkpoint, job.vae, *(lu.path for lu in job.loras), *job.embeddings, upscaler):
+        for ref in (job.checkpoint, job.vae, *(lu.path for lu in job.loras), *job.embeddings, upscaler,
+                    *(c.model for c in job.controlnet)):
             if ref and ref not in out:
                 out[ref] = sha256_file(ref) if Path(ref).exists() else None
         for lu in job.loras:

@@ -9,7 +9,7 @@ grid (`x`, `y`) like A1111's X/Y plot. Pages are capped in images and in megapix
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +22,8 @@ from imagegen.sheets.items import (
 )
 from imagegen.sheets.layout import (
     BAND_FONT, CAPTION_FONT, CAPTION_LINES, GAP, INDEX_FONT, LABEL_FONT, LABEL_LINES, MARGIN, ROW_LABEL_WIDTH, TEXT_FONT,
-    TITLE_FONT, Geometry, Page, Row, grid_sections, group, legend_lines, line_height, paginate, plain_sections,
+    INPUT_AXIS, INPUT_CAPTION, TITLE_FONT, Geometry, Page, Row, grid_sections, group, legend_lines, line_height, paginate,
+    plain_sections,
 )
 from imagegen.thumbs import THUMB_SIZE
 
@@ -147,6 +148,21 @@ def _draw_cell(
         y += line_height(CAPTION_FONT)
 
 
+def _draw_input(page: Image.Image, draw: ImageDraw.ImageDraw, photo: tuple[Path, str], left: int, top: int,
+                geo: Geometry) -> None:
+    """The input photo's thumbnail in the left column, "input photo" and its name under it."""
+    thumb = _load_thumb(photo[0])
+    draw.rectangle((left, top, left + THUMB_SIZE - 1, top + THUMB_SIZE - 1), fill=BOX)
+    if thumb is not None:
+        page.paste(thumb, (left + (THUMB_SIZE - thumb.width) // 2, top + (THUMB_SIZE - thumb.height) // 2))
+    draw.rectangle((left - 3, top - 3, left + THUMB_SIZE + 2, top + THUMB_SIZE + 2), outline=MUTED, width=2)
+    y = top + THUMB_SIZE + 4
+    draw.text((left, y), INPUT_CAPTION, font=_font(CAPTION_FONT), fill=INK)
+    for line in _wrap(photo[1], CAPTION_FONT, THUMB_SIZE, 1):
+        y += line_height(CAPTION_FONT)
+        draw.text((left, y), line, font=_font(CAPTION_FONT), fill=MUTED)
+
+
 def _render_page(
     page_plan: Page, number: int, total: int, title: str, legend: list[str], geo: Geometry,
     captions: dict[int, str],
@@ -178,8 +194,8 @@ def _render_page(
     draw.line((MARGIN, y, geo.width - MARGIN, y), fill=MUTED, width=1)
     y = geo.header_height
 
-    # 2. Sections: bands, X/Y column labels, rows of cells.
-    cells_left = MARGIN + geo.label_width
+    # 2. Sections: bands, X/Y column labels, rows of cells (the input photo left of a section's first row).
+    cells_left = MARGIN + geo.input_width + geo.label_width
     for kind, block in page_plan.blocks:
         if kind == "band":
             draw.rectangle((MARGIN, y, geo.width - MARGIN, y + geo.band_height - 8), fill=BAND)
@@ -198,11 +214,13 @@ def _render_page(
             y += geo.columns_height
         else:
             row: Row = block  # type: ignore[assignment]
+            if row.input is not None and geo.input_width:
+                _draw_input(page, draw, row.input, MARGIN, y, geo)
             if row.label is not None and geo.label_width:
                 max_lines = max(1, (THUMB_SIZE) // line_height(LABEL_FONT))
                 ly = y + THUMB_SIZE // 2 - line_height(LABEL_FONT)
                 for line in _wrap(row.label, LABEL_FONT, geo.label_width - 12, max_lines):
-                    draw.text((MARGIN, ly), line, font=_font(LABEL_FONT), fill=INK)
+                    draw.text((MARGIN + geo.input_width, ly), line, font=_font(LABEL_FONT), fill=INK)
                     ly += line_height(LABEL_FONT)
             for c, item in enumerate(row.cells):
                 if item is not None:
@@ -222,13 +240,17 @@ def write_sheets(
     max_per_page: int = 100,
     max_megapixels: float = 40.0,
     drop_stale: bool = True,
+    inputs: Mapping[str, Path] | None = None,
 ) -> list[Path]:
     """Write contact-sheet pages `sheet-01.jpg`, ... into `out_dir` and return their paths.
 
     Each page is written atomically; sheets numbered past the last page (from an earlier,
     larger run) are removed (unless `drop_stale` is False: then `drop_stale_sheets` later). `by` starts a section per value of that axis; `x`/`y` lay out a
     labelled grid, with the other varying axes making separate grids. A missing or unreadable
-    thumbnail is drawn as a grey "no thumbnail" box. Raises InputError for an unknown axis
+    thumbnail is drawn as a grey "no thumbnail" box. `inputs` maps each value of the `input`
+    axis (a job's input photo) to its thumbnail: without `by`, `x` or `y` on that axis, the
+    sheets then have a section per input photo, its thumbnail left of the section's renders.
+    Raises InputError for an unknown axis
     name, the same axis twice, or caps too small for one row of cells; ValueError if two
     items share an index; OSError if `out_dir` cannot be written.
     """
@@ -252,7 +274,11 @@ def write_sheets(
     if max_megapixels <= 0:
         raise InputError(f"sheet: max megapixels per page must be positive, got {max_megapixels}")
 
-    # 2. Captions name the varying axes not already shown by a band or grid label.
+    # 2. A section per input photo unless the axes say otherwise; captions name the varying
+    #    axes not already shown by a band or grid label.
+    inputs = {k: Path(v) for k, v in (inputs or {}).items()} if INPUT_AXIS in known else {}
+    if inputs and by is None and INPUT_AXIS not in (x, y):
+        by = INPUT_AXIS
     varying = varying_axes(items)
     grid = x is not None or y is not None
     # In a grid, every varying axis is on a band or a row/column label already.
@@ -271,7 +297,8 @@ def write_sheets(
     max_pixels = max_megapixels * 1_000_000
     legend = legend_lines(items, varying, layout)
     legend_count = len(legend)
-    probe = Geometry(1, ROW_LABEL_WIDTH if grid else 0, caption_lines, legend_count)
+    input_width = THUMB_SIZE + GAP if inputs else 0
+    probe = Geometry(1, ROW_LABEL_WIDTH if grid else 0, caption_lines, legend_count, input_width=input_width)
     if grid:
         want = max(len(s.columns or []) for s in grid_sections(items, x, y, by, others, 10**9)) if items else 1
     else:
@@ -286,10 +313,10 @@ def write_sheets(
         smallest_page = geo.header_height + geo.band_height + geo.columns_height * grid + geo.row_height + MARGIN
         return geo.width <= MAX_SHEET_SIDE and geo.width * smallest_page <= max_pixels
 
-    geo = Geometry(columns, probe.label_width, caption_lines, legend_count)
+    geo = Geometry(columns, probe.label_width, caption_lines, legend_count, input_width=input_width)
     while columns > 1 and not fits(geo):
         columns -= 1
-        geo = Geometry(columns, probe.label_width, caption_lines, legend_count)
+        geo = Geometry(columns, probe.label_width, caption_lines, legend_count, input_width=input_width)
     if not fits(geo):
         need = geo.width * (geo.header_height + geo.band_height + geo.columns_height + geo.row_height + MARGIN)
         raise InputError(
@@ -300,19 +327,19 @@ def write_sheets(
     wrapped = wrap_legend(legend, geo.width - 2 * MARGIN)
     if len(wrapped) != len(legend):
         legend, legend_count = wrapped, len(wrapped)
-        geo = Geometry(columns, geo.label_width, caption_lines, legend_count)
+        geo = Geometry(columns, geo.label_width, caption_lines, legend_count, input_width=input_width)
     max_height = min(MAX_SHEET_SIDE, int(max_pixels // geo.width))
 
     # 4. Lay out sections and flow them onto pages.
     if grid:
-        sections = grid_sections(items, x, y, by, others, columns)
+        sections = grid_sections(items, x, y, by, others, columns, inputs)
         label_lines = max(
             (len(_wrap(label, LABEL_FONT, THUMB_SIZE, LABEL_LINES)) for s in sections for label in s.columns or []),
             default=1,
         )
-        geo = Geometry(columns, geo.label_width, caption_lines, legend_count, label_lines)
+        geo = Geometry(columns, geo.label_width, caption_lines, legend_count, label_lines, input_width)
     else:
-        sections = plain_sections(items, by, columns)
+        sections = plain_sections(items, by, columns, inputs)
     pages = paginate(sections, geo, max_height, max_per_page) if items else []
 
     # 5. Draw and write each page, then drop stale pages from an earlier run.

@@ -12,7 +12,7 @@ import html
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -51,10 +51,25 @@ def _card(item: SheetItem, caption: str, base: Path) -> str:
     )
 
 
-def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str, pages: Sequence[Path] | None = None) -> str:
+def _photo_heading(name: str, thumb: Path, base: Path) -> str:
+    """A full-width heading before the renders of one input photo: its thumbnail (the run
+    folder's copy, never the photo itself) and its name."""
+    e = html.escape
+    return (f'<figure class="photo" data-input="{e(name)}"><img src="{e(_href(thumb, base))}" alt="input photo {e(name)}">'
+            f'<figcaption>input photo <b>{e(name)}</b></figcaption></figure>')
+
+
+def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str, pages: Sequence[Path] | None = None,
+                      inputs: Mapping[str, Path] | None = None) -> str:
     """The text of index.html for `items`, with links relative to `out_dir`, and links to the
-    sheet `pages` (default: those on disk now)."""
+    sheet `pages` (default: those on disk now). With `inputs` (each value of the `input` axis ->
+    its thumbnail), the renders of each input photo follow a heading that shows it."""
+    from imagegen.sheets.layout import INPUT_AXIS
+
     items = sorted(items, key=lambda item: item.index)
+    if inputs:
+        order = {name: k for k, name in enumerate(dict.fromkeys(item.axes.get(INPUT_AXIS, MISSING) for item in items))}
+        items = sorted(items, key=lambda item: (order[item.axes.get(INPUT_AXIS, MISSING)], item.index))
     values = axis_values(items)
     varying = varying_axes(items)
     one_line_title = " ".join(title.split())
@@ -82,7 +97,14 @@ def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str, 
         for number, page in enumerate(list_sheets(out_dir) if pages is None else pages, start=1)
     )
     on_caption = caption_axes(items)
-    cards = "\n".join(_card(item, caption_for(item, on_caption), Path(out_dir)) for item in items)
+    parts, current = [], None
+    for item in items:
+        name = item.axes.get(INPUT_AXIS) if inputs else None
+        if name is not None and name != current and name in inputs:
+            parts.append(_photo_heading(name, inputs[name], Path(out_dir)))
+        current = name
+        parts.append(_card(item, caption_for(item, on_caption), Path(out_dir)))
+    cards = "\n".join(parts)
     fills = {
         "TITLE": html.escape(one_line_title),
         "SUMMARY": html.escape(" · ".join(summary)) + (f" · sheets: {sheet_links}" if sheet_links else ""),
@@ -94,12 +116,13 @@ def render_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str, 
     return re.sub(r"@@([A-Z]+)@@", lambda m: fills[m.group(1)], template)
 
 
-def write_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str, pages: Sequence[Path] | None = None) -> Path:
+def write_index_html(items: Sequence[SheetItem], out_dir: Path, *, title: str, pages: Sequence[Path] | None = None,
+                     inputs: Mapping[str, Path] | None = None) -> Path:
     """Write `out_dir/index.html` atomically and return its path.
 
     Raises OSError if the folder cannot be written.
     """
     out_dir = Path(out_dir)
     path = out_dir / INDEX_NAME
-    write_bytes_atomic(path, render_index_html(items, out_dir, title=title, pages=pages).encode("utf-8"))
+    write_bytes_atomic(path, render_index_html(items, out_dir, title=title, pages=pages, inputs=inputs).encode("utf-8"))
     return path

@@ -4,8 +4,9 @@ geometry and pagination. Pure arithmetic on `SheetItem`s: no Pillow."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from imagegen.sheets.items import MISSING, SheetItem, axis_values
 from imagegen.thumbs import THUMB_SIZE
@@ -27,10 +28,15 @@ LEGEND_LINES = 8  # varying axes listed in the header before "and N more"
 # --- layout -----------------------------------------------------------------------------
 
 
+INPUT_AXIS = "input"  # the axis of a job's input photo (plan.py): a section per photo, its thumbnail beside
+INPUT_CAPTION = "input photo"
+
+
 @dataclass
 class Row:
     label: str | None  # X/Y row label at the left
     cells: list[SheetItem | None]  # None: an empty grid cell
+    input: tuple[Path, str] | None = None  # the section's input photo (thumbnail, name), drawn left of this row
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Section:
     label: str | None  # band text; None: no band
     columns: list[str] | None  # X/Y column labels; None: plain cells
     rows: list[Row]
+    input: tuple[Path, str] | None = None  # the input photo of every job in the section
 
 
 @dataclass
@@ -62,11 +69,21 @@ def group(items: Sequence[SheetItem], axes: Sequence[str]) -> dict[tuple[str, ..
     return groups
 
 
-def plain_sections(items: Sequence[SheetItem], by: str | None, columns: int) -> list[Section]:
+def section_input(axes: Sequence[str], key: Sequence[str], inputs: Mapping[str, Path] | None) -> tuple[Path, str] | None:
+    """(thumbnail, name) of the input photo a section's group key names, when it names one."""
+    if not inputs or INPUT_AXIS not in axes:
+        return None
+    name = key[list(axes).index(INPUT_AXIS)]
+    return (inputs[name], name) if name in inputs else None
+
+
+def plain_sections(items: Sequence[SheetItem], by: str | None, columns: int,
+                   inputs: Mapping[str, Path] | None = None) -> list[Section]:
     if by is None:
         return [Section(None, None, [Row(None, list(c)) for c in chunks(items, columns)])]
     return [
-        Section(f"{by} = {key[0]}", None, [Row(None, list(c)) for c in chunks(members, columns)])
+        Section(f"{by} = {key[0]}", None, [Row(None, list(c)) for c in chunks(members, columns)],
+                section_input([by], key, inputs))
         for key, members in group(items, [by]).items()
     ]
 
@@ -78,6 +95,7 @@ def grid_sections(
     by: str | None,
     others: Sequence[str],
     max_columns: int,
+    inputs: Mapping[str, Path] | None = None,
 ) -> list[Section]:
     """X/Y grids: one per combination of the group axes, split into column chunks if wide.
 
@@ -125,7 +143,7 @@ def grid_sections(
                     parts.append(f"layer {layer_no}/{len(layers)}")
                 if n_chunks > 1:
                     parts.append(f"columns {chunk_no}/{n_chunks}")
-                sections.append(Section(" · ".join(parts) or None, list(cols), rows))
+                sections.append(Section(" · ".join(parts) or None, list(cols), rows, section_input(group_axes, key, inputs)))
     return sections
 
 
@@ -140,6 +158,7 @@ class Geometry:
     caption_lines: int
     header_lines: int  # summary + legend lines under the title
     label_lines: int = LABEL_LINES  # lines of the tallest X/Y column label
+    input_width: int = 0  # the input photos' column at the left (THUMB_SIZE + GAP); 0 without
 
     @property
     def cell_width(self) -> int:
@@ -153,7 +172,7 @@ class Geometry:
     @property
     def width(self) -> int:
         cells = self.columns * THUMB_SIZE + (self.columns - 1) * GAP
-        return 2 * MARGIN + self.label_width + cells
+        return 2 * MARGIN + self.input_width + self.label_width + cells
 
     @property
     def header_height(self) -> int:
@@ -222,6 +241,8 @@ def paginate(
                 used = geo.header_height + MARGIN
                 if not starts_here:
                     blocks = heading(section, True)
+            if blocks and section.input is not None:  # the photo beside the first row of the section on each page
+                row = Row(row.label, row.cells, section.input)
             page.blocks += blocks + [("row", row)]
             page.items += members
             used += height(blocks) + geo.row_height

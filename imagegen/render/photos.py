@@ -1,0 +1,88 @@
+"""A render's input photos: each job's photo and mask prepared at its size (`imagegen.inputs`),
+decoded once per render, and the photos' thumbnails for the sheets.
+
+Privacy: photos are read where they are; the only pixels of them written anywhere are the
+thumbnails under the run folder's `thumbs/inputs/` (one per photo, named by its sha256).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from imagegen import inputs
+from imagegen.plan import Job
+
+MAX_CACHED = 64  # prepared photos and masks kept between batches
+
+
+class PhotoCache:
+    """`init_request(job)`: the engine's InitRequest of a job (None without a photo); photos and
+    masks are decoded, checked against their sha256 and resized once per render and size."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Any] = {}
+
+    def _get(self, key: tuple, make: Any) -> Any:
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
+            hit = self._cache[key] = make()
+        return hit
+
+    def photo(self, job: Job, width: int, height: int) -> Any:
+        ji = job.input
+        assert ji is not None
+        return self._get(("photo", ji.photo_sha256, width, height),
+                         lambda: inputs.load_photo(ji.photo, width, height, ji.photo_sha256))
+
+    def mask(self, job: Job, width: int, height: int, blur: float) -> Any:
+        ji = job.input
+        assert ji is not None and ji.mask is not None
+        return self._get(("mask", ji.photo_sha256, ji.mask_sha256 or ji.mask, width, height, blur),
+                         lambda: inputs.load_mask(ji.mask, ji.photo, width, height, blur, mask_sha256=ji.mask_sha256,
+                                                  photo_sha256=ji.photo_sha256))
+
+    def init_request(self, job: Job) -> Any:
+        from imagegen.engine import InitRequest
+
+        ji = job.input
+        if ji is None:
+            return None
+        w, h = job.width, job.height
+        mask = self.mask(job, w, h, ji.mask_blur) if ji.mask is not None else None
+        final_image = final_mask = None
+        if job.hires is not None and mask is not None and ji.keep_unmasked:
+            hw, hh = job.hires.width, job.hires.height
+            final_image = self.photo(job, hw, hh)
+            final_mask = self.mask(job, hw, hh, hires_blur(ji.mask_blur, w, hw))
+        return InitRequest(self.photo(job, w, h), ji.denoise, mask, ji.keep_unmasked, final_image, final_mask)
+
+
+def hires_blur(blur: float, width: int, hires_width: int) -> float:
+    """The mask blur at the hires size: `mask_blur` is in first-pass pixels, scaled with the image."""
+    return blur * hires_width / width
+
+
+def write_input_thumbs(thumbs: Path, jobs: Iterable[Job]) -> None:
+    """A thumbnail of each job's photo under `thumbs/inputs/` (kept when already there).
+    A photo that cannot be read is left for the render to report."""
+    from imagegen.errors import InputError
+    from imagegen.thumbs import make_thumbnail, save_thumbnail_atomic
+
+    done: set[str] = set()
+    for job in jobs:
+        ji = job.input
+        if ji is None or ji.photo_sha256 in done:
+            continue
+        done.add(ji.photo_sha256)
+        target = inputs.thumbnail_path(thumbs, ji.photo_sha256)
+        if target.is_file():
+            continue
+        try:
+            thumb = make_thumbnail(inputs.flatten(inputs.open_image(ji.photo, ji.photo_sha256)))
+        except (OSError, ValueError, InputError):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_thumbnail_atomic(thumb, target)
