@@ -141,14 +141,10 @@ def open_image(path: str | Path, sha256: str | None) -> "Image.Image":
 
 
 def flatten(image: "Image.Image") -> "Image.Image":
-    """An RGB image; transparency (if any) flattened onto FLATTEN_ON."""
-    from PIL import Image
+    """An RGB image; transparency (if any) flattened onto FLATTEN_ON (the thumbnails' helper)."""
+    from imagegen.thumbs import _to_rgb
 
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, FLATTEN_ON + (255,))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    return image.convert("RGB")
+    return _to_rgb(image, FLATTEN_ON)
 
 
 def load_photo(path: str | Path, width: int, height: int, sha256: str | None = None) -> "Image.Image":

@@ -290,33 +290,51 @@ def check_lora(path: str | Path, family: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # ControlNets
 
-# Keys only a ControlNet has, in the diffusers layout and in the original (LDM) one.
-_CONTROLNET_MARKS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "input_hint_block.", "zero_convs.",
-                     "middle_block_out.")
+_CONTROLNET_DIFFUSERS_KEYS = ("controlnet_cond_embedding.conv_in.weight", "controlnet_mid_block.weight")
+_CONTROLNET_LDM_KEYS = ("input_hint_block.0.weight", "middle_block_out.0.weight")
+
+
+def read_controlnet_layout(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[str, str]:
+    """("diffusers" | "ldm", key prefix) of a ControlNet file, from its header (torch-free).
+
+    Raises ModelError for a file that is missing, unreadable, or not a ControlNet (naming what it
+    looks like when we can tell: a checkpoint, a LoRA, a ControlNet-LoRA, a union ControlNet)."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        raise ModelError(f"ControlNet {p}: only `.safetensors` files are supported")
+    shapes = read_safetensors_shapes(p) if shapes is None else shapes
+    if all(k in shapes for k in _CONTROLNET_DIFFUSERS_KEYS):
+        if any(k.startswith(("task_embedding", "spatial_ch_projs")) for k in shapes):
+            raise ModelError(f"ControlNet {p}: a ControlNet-Union model, which is not supported")
+        return "diffusers", ""
+    for prefix in ("control_model.", ""):
+        if all(prefix + k in shapes for k in _CONTROLNET_LDM_KEYS):
+            return "ldm", prefix
+    if any("lora_controlnet" in k for k in shapes) or any(k.endswith((".up", ".down")) and "input_hint_block" in k for k in shapes):
+        raise ModelError(f"ControlNet {p}: a Control-LoRA, which is not supported; use a full ControlNet model")
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.")) for k in shapes):
+        looks = "a Stable Diffusion checkpoint"
+    elif any("lora_" in k or ".lora_A." in k for k in shapes):
+        looks = "a LoRA"
+    else:
+        looks = f"{len(shapes)} tensors, e.g. {next(iter(shapes), '(none)')!r}"
+    raise ModelError(f"ControlNet {p}: not a ControlNet model (no `controlnet_cond_embedding` or `input_hint_block` keys; "
+                     f"it looks like {looks})")
 
 
 def controlnet_family(path: str | Path) -> str | None:
-    """"sd15" or "sdxl" for a ControlNet `.safetensors` file, from its keys (SDXL ControlNets have
-    the size-conditioning `add_embedding` / `label_emb`); None when it cannot tell.
-
-    Raises ModelError naming the file when it is unreadable or not a ControlNet."""
-    p = Path(path)
-    if p.suffix.lower() != ".safetensors":
-        raise ModelError(f"ControlNet {p}: only `.safetensors` files are loaded (pickled files can run code)")
-    shapes = read_safetensors_shapes(p)
-    keys = [k.removeprefix("control_model.") for k in shapes]
-    if not any(k.startswith(_CONTROLNET_MARKS) for k in keys):
-        raise ModelError(f"ControlNet {p}: not a ControlNet (no `controlnet_cond_embedding` or `input_hint_block` keys; "
-                         f"{len(shapes)} tensors)")
-    if any(k.startswith(("add_embedding.", "label_emb.")) for k in keys):
-        return "sdxl"
-    if any(k.startswith(("time_embedding.", "time_embed.")) for k in keys):
-        return "sd15"
-    return None
+    """"sd15" or "sdxl" for a ControlNet `.safetensors` file, from its header (SDXL ControlNets
+    have the size-conditioning `add_embedding` / `label_emb`); the full check of its fit to the
+    model is `engine.controlnet.load_controlnet`'s. Raises ModelError as `read_controlnet_layout`."""
+    shapes = read_safetensors_shapes(path)
+    _, prefix = read_controlnet_layout(path, shapes)
+    keys = [k[len(prefix):] for k in shapes if k.startswith(prefix)]
+    return "sdxl" if any(k.startswith(("add_embedding.", "label_emb.")) for k in keys) else "sd15"
 
 
 def check_controlnet(path: str | Path, family: str) -> None:
     """Raises ModelError naming the file when it is not a ControlNet or is for the other family."""
     found = controlnet_family(path)
-    if found is not None and family in FAMILIES and found != family:
-        raise ModelError(f"ControlNet {path} is for {found} but the model is {family}")
+    if family in FAMILIES and found != family:
+        label = {"sd15": "SD1.5", "sdxl": "SDXL"}
+        raise ModelError(f"ControlNet {path}: an {label[found]} ControlNet, but the model is {label[family]}")

@@ -183,3 +183,43 @@ def test_inpainting_checkpoint_refused_for_text_to_image(tmp_path, capsys):
     path.write_text(f"name: t\nmodel: {{checkpoint: {single}}}\nprompt: a cat\nsize: 64x64\n")
     code, out, err = run(["validate", path], capsys)
     assert code == 2 and "inpainting model" in err and "init_image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_controlnet_recipe_renders_with_canny_from_the_photo(tmp_path, capsys):
+    from controlnet_fixtures import make_tiny_controlnet, save_controlnet
+
+    save_controlnet(make_tiny_controlnet("sd15", seed=3), tmp_path / "cn-canny.safetensors", layout="ldm")
+    photo, mask = product_photo((64, 64))
+    photo.save(tmp_path / "bottle.png")
+    mask.save(tmp_path / "bottle-mask.png")
+    path = write(tmp_path, """
+        init_image: bottle.png
+        denoise: 0.8
+        mask: bottle-mask.png
+        controlnet:
+          - model: cn-canny.safetensors
+            preprocess: canny
+            low: 50
+            high: 150
+            weight: [0, 1]
+            end: 0.8
+    """, model="tiny-sd15", size="64x64")
+    jobs = plan(load_recipe(path))
+    assert len(jobs) == 4 and {dict(j.axes)["controlnet:0"] for j in jobs} == {"0", "1"}
+    code, out, err = run(["render", path, "--no-sheet"], capsys)
+    assert code == 0, err
+    imgs = {j.index: tmp_path / "run" / "images" / f"{j.index:04d}-{j.id}.png" for j in jobs}
+    by = {(j.seed, j.controlnet[0].weight, j.prompt): imgs[j.index] for j in jobs}
+    j0 = jobs[0]
+    a, b = pixels(by[(j0.seed, 0.0, j0.prompt)]), pixels(by[(j0.seed, 1.0, j0.prompt)])
+    keep = np.asarray(load_photo_mask(j0)) == 0
+    assert np.array_equal(a[keep], b[keep]) and np.abs(a - b)[~keep].mean() > 1
+    fields = parse_parameters(read_png_text(by[(j0.seed, 1.0, j0.prompt)])["parameters"])
+    assert fields["ControlNet 0"].startswith("Module: canny, Model: cn-canny [")
+    assert "Weight: 1, Resize Mode: Crop and Resize, Threshold A: 50, Threshold B: 150, Guidance Start: 0, Guidance End: 0.8" in fields["ControlNet 0"]
+    prov = read_provenance(by[(j0.seed, 1.0, j0.prompt)])
+    assert prov["controlnet"][0]["image_sha256"] == j0.input.photo_sha256 and prov["controlnet"][0]["model_sha256"]
+    back = tmp_path / "back.yaml"
+    assert run(["import", by[(j0.seed, 1.0, j0.prompt)], "-o", back], capsys)[0] == 0
+    again = plan(load_recipe(back))
+    assert again[0].id in {j.id for j in jobs}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .builtin import BUILTIN_MODELS
 from ..modelfiles import check_lora, detect_family
+from .controlnet import ControlRequest
 from .engine import Engine, EngineDeviceError, EngineOOM, GenRequest, GenResult
 from .hires import HiresRequest
 from .photo import InitRequest
@@ -19,6 +20,7 @@ from .loading import open_engine
 
 __all__ = [
     "BUILTIN_MODELS",
+    "ControlRequest",
     "Engine",
     "EngineDeviceError",
     "EngineOOM",

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import InputError, ModelError
+from ..modelfiles import read_controlnet_layout  # torch-free: recipe validation reads it too
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
 
-__all__ = ["ControlUnit", "controlnet_pipeline", "infer_controlnet_config", "load_controlnet", "prepare_control_image",
+__all__ = ["ControlRequest", "ControlUnit", "controlnet_pipeline", "infer_controlnet_config", "load_controlnet", "prepare_control_image",
            "read_controlnet_layout"]
 
 # diffusers pipeline class per (family, kind); "txt2img" takes the control image as `image`,
@@ -52,8 +53,6 @@ PIPELINE_CLASSES: dict[tuple[str, str], str] = {
 }
 MAX_CACHED = 4  # loaded ControlNets kept in memory (a recipe rarely uses more at once)
 _FAMILY_LABEL = {"sd15": "SD1.5", "sdxl": "SDXL"}
-_DIFFUSERS_KEYS = ("controlnet_cond_embedding.conv_in.weight", "controlnet_mid_block.weight")
-_LDM_KEYS = ("input_hint_block.0.weight", "middle_block_out.0.weight")
 # Settings shapes cannot tell, taken from the base UNet's config when given.
 _FROM_UNET = ("attention_head_dim", "num_attention_heads", "norm_num_groups", "norm_eps", "upcast_attention",
               "flip_sin_to_cos", "freq_shift", "act_fn", "resnet_time_scale_shift", "addition_time_embed_dim",
@@ -64,36 +63,6 @@ _cache_lock = threading.Lock()
 
 
 # -- reading a file ---------------------------------------------------------------------------
-
-
-def read_controlnet_layout(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[str, str]:
-    """("diffusers" | "ldm", key prefix) of a ControlNet file, from its header (torch-free).
-
-    Raises ModelError for a file that is missing, unreadable, or not a ControlNet (naming what it
-    looks like when we can tell: a checkpoint, a LoRA, a ControlNet-LoRA, a union ControlNet)."""
-    from ..modelfiles import read_safetensors_shapes
-
-    p = Path(path)
-    if p.suffix.lower() != ".safetensors":
-        raise ModelError(f"ControlNet {p}: only `.safetensors` files are supported")
-    shapes = read_safetensors_shapes(p) if shapes is None else shapes
-    if all(k in shapes for k in _DIFFUSERS_KEYS):
-        if any(k.startswith(("task_embedding", "spatial_ch_projs")) for k in shapes):
-            raise ModelError(f"ControlNet {p}: a ControlNet-Union model, which is not supported")
-        return "diffusers", ""
-    for prefix in ("control_model.", ""):
-        if all(prefix + k in shapes for k in _LDM_KEYS):
-            return "ldm", prefix
-    if any("lora_controlnet" in k for k in shapes) or any(k.endswith((".up", ".down")) and "input_hint_block" in k for k in shapes):
-        raise ModelError(f"ControlNet {p}: a Control-LoRA, which is not supported; use a full ControlNet model")
-    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.")) for k in shapes):
-        looks = "a Stable Diffusion checkpoint"
-    elif any("lora_" in k or ".lora_A." in k for k in shapes):
-        looks = "a LoRA"
-    else:
-        looks = f"{len(shapes)} tensors, e.g. {next(iter(shapes), '(none)')!r}"
-    raise ModelError(f"ControlNet {p}: not a ControlNet model (no `controlnet_cond_embedding` or `input_hint_block` keys; "
-                     f"it looks like {looks})")
 
 
 def _ldm_layers_per_block(sd: dict) -> int:
@@ -310,26 +279,35 @@ def prepare_control_image(image: "PIL.Image.Image", width: int, height: int) -> 
     the overflow equally from both sides (centred crop). Nothing is stretched; an image of the
     job's aspect loses nothing. Transparent pixels become black (as the canny preprocessor sees
     them). Raises InputError for a bad size or an empty image."""
-    from PIL import Image
-
     if width < 1 or height < 1:
         raise InputError(f"control image size must be positive, got {width}x{height}")
     if image.width < 1 or image.height < 1:
         raise InputError(f"control image is empty ({image.width}x{image.height})")
+    from ..inputs import fit  # the one resize rule of input photos, masks and control images
     from ..thumbs import _to_rgb
 
     image = _to_rgb(image, (0, 0, 0))
-    if image.size == (width, height):
-        return image
-    scale = max(width / image.width, height / image.height)
-    sw, sh = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    left, top = (sw - width) // 2, (sh - height) // 2
-    # resize's `box` crops in source coordinates, so the crop and the scale are one resampling
-    box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
+    return image if image.size == (width, height) else fit(image, width, height)
 
 
 # -- pipelines --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ControlRequest:
+    """One ControlNet unit of a `GenRequest`: the model's file, the control image already made
+    (preprocessed, e.g. canny, and fitted to the request's size), its weight and its share of
+    the steps, `start` to `end`. Requests of one batch share everything but the image."""
+
+    model: str
+    image: Any
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    @property
+    def settings(self) -> tuple:
+        return (str(self.model), float(self.weight), float(self.start), float(self.end))
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from ..defaults import MAX_SEED
 from ..models import FAMILIES
 from .device_errors import EngineDeviceError, EngineOOM, classify, free_device_memory
 from .hires import HiresRequest
+from .controlnet import ControlRequest
 from .photo import InitRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
 
-__all__ = ["Engine", "EngineDeviceError", "EngineOOM", "GenRequest", "GenResult", "InitRequest"]
+__all__ = ["ControlRequest", "Engine", "EngineDeviceError", "EngineOOM", "GenRequest", "GenResult", "InitRequest"]
 
 @dataclass(frozen=True)
 class GenRequest:
@@ -49,6 +50,7 @@ class GenRequest:
     emphasis: str = "original"  # A1111 emphasis: "original" | "no-norm" | "ignore" (see engine/text.py)
     hires: HiresRequest | None = None  # a second pass at a larger size (engine/hires.py)
     init: InitRequest | None = None  # an input photo: img2img, or inpainting with a mask (engine/photo.py)
+    controlnet: tuple[ControlRequest, ...] = ()  # ControlNet units of the first pass (engine/controlnet.py)
 
 
 @dataclass
@@ -136,6 +138,12 @@ class Engine:
             self._inpaint = getattr(diffusers, self.spec.inpaint_class).from_pipe(self.pipeline)
             self._inpaint.set_progress_bar_config(disable=True)
         return self._inpaint
+
+    def controlnet(self, path: str) -> Any:
+        """The ControlNet in `path`, loaded (cached) on this engine's device and dtype for its UNet."""
+        from .controlnet import load_controlnet
+
+        return load_controlnet(path, self.family, device=self.device, dtype=self.dtype, unet=self.pipeline.unet)
 
     def hires_upscaler(self, path: str) -> Any:
         """The Real-ESRGAN network of `path`, loaded once on this engine's device."""
@@ -461,7 +469,7 @@ class Engine:
                 warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
                 warnings.filterwarnings("ignore", message="Should have t.*>=t0")  # torchsde float rounding, harmless
                 output_type = hires.first_output_type(first.hires) if first.hires else "np"
-                if first.init is not None:  # an input photo: img2img or inpainting (engine/photo.py)
+                if first.init is not None or first.controlnet:  # a photo and/or ControlNet (engine/photo.py)
                     firsts_out = photo.first_pass(self, requests, generators, kwargs, output_type)
                 else:
                     firsts_out = pipe(

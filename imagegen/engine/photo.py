@@ -52,11 +52,21 @@ class InitRequest:
 
 
 def check_init(first: "GenRequest", requests: Sequence["GenRequest"]) -> None:
-    """Raises InputError for input photos a batch cannot render together or at its size."""
+    """Raises InputError for input photos or ControlNet units a batch cannot render together or
+    at its size."""
     kinds = {None if r.init is None else r.init.kind for r in requests}
     if len(kinds) > 1:
         raise InputError("all requests of a batch must share the input kind (text-to-image, img2img or inpainting) "
                          "and `denoise`")
+    if len({tuple(c.settings for c in r.controlnet) for r in requests}) > 1:
+        raise InputError("all requests of a batch must share their ControlNet units (model, weight, start, end)")
+    size = (first.width, first.height)
+    for r in requests:
+        for i, c in enumerate(r.controlnet):
+            if c.image is None or tuple(c.image.size) != size:
+                raise InputError(f"ControlNet {i}: the control image must be {size[0]}x{size[1]} (the request's size)")
+            if not 0 <= c.start < c.end <= 1:
+                raise InputError(f"ControlNet {i}: `start` and `end` must satisfy 0 <= start < end <= 1")
     init = first.init
     if init is None:
         return
@@ -64,7 +74,6 @@ def check_init(first: "GenRequest", requests: Sequence["GenRequest"]) -> None:
         raise InputError(f"`denoise` must be above 0 and at most 1, got {init.denoise}")
     if int(first.steps * init.denoise) < 1:
         raise InputError(f"`denoise` {init.denoise:g} with {first.steps} steps runs int(steps x denoise) = 0 steps")
-    size = (first.width, first.height)
     for r in requests:
         for what, im in (("photo", r.init.image), ("mask", r.init.mask)):
             if im is not None and tuple(im.size) != size:
@@ -136,27 +145,54 @@ class LatentBlend:
 
 def first_pass(engine: "Engine", requests: Sequence["GenRequest"], generators: list, embeds: dict[str, Any],
                output_type: str) -> Any:
-    """Render the first pass of requests with input photos; returns the pipeline's `images`
-    (a float array, or latents for `output_type="latent"`)."""
+    """Render the first pass of requests with an input photo and/or ControlNet units; returns the
+    pipeline's `images` (a float array, or latents for `output_type="latent"`).
+
+    With ControlNet units, each pipeline below is the family's ControlNet variant of it
+    (`controlnet.controlnet_pipeline`, `from_pipe` over the same components), the units'
+    control images one per request."""
     first = requests[0]
     init = first.init
-    images = [r.init.image for r in requests]
-    common = dict(strength=float(init.denoise), num_inference_steps=first.steps, guidance_scale=first.guidance,
-                  generator=generators, output_type=output_type, **embeds)
-    if engine.inpainting:  # 9-channel UNet: the inpainting pipeline, its own conditioning
-        pipe = engine.inpaint_pipeline()
+    units = control_units(engine, requests)
+    common = dict(num_inference_steps=first.steps, guidance_scale=first.guidance, generator=generators,
+                  output_type=output_type, **embeds)
+
+    def pipeline(kind: str, plain: Any) -> tuple[Any, dict]:
+        from .controlnet import controlnet_pipeline
+
+        pipe, kw = controlnet_pipeline(engine.pipeline, engine.family, units, kind) if units else (plain(), {})
         _fresh_scheduler(engine, pipe, first.scheduler, requests)
+        return pipe, kw
+
+    if init is None:  # text-to-image with ControlNet
+        pipe, kw = pipeline("txt2img", lambda: engine.pipeline)
+        return pipe(width=first.width, height=first.height, **common, **kw).images
+    images = [r.init.image for r in requests]
+    common["strength"] = float(init.denoise)
+    if engine.inpainting:  # 9-channel UNet: the inpainting pipeline, its own conditioning
+        pipe, kw = pipeline("inpaint", engine.inpaint_pipeline)
         masks = [r.init.mask for r in requests] if init.mask is not None else white_masks(requests)
-        return pipe(image=images, mask_image=masks, width=first.width, height=first.height, **common).images
-    i2i = engine.img2img_pipeline()
-    _fresh_scheduler(engine, i2i, first.scheduler, requests)
+        return pipe(image=images, mask_image=masks, width=first.width, height=first.height, **common, **kw).images
+    i2i, kw = pipeline("img2img", engine.img2img_pipeline)
     if init.mask is None:
-        return i2i(image=images, **common).images
+        return i2i(image=images, **common, **kw).images
     blend = LatentBlend(i2i, [r.init.mask for r in requests], generators, first.width, first.height)
-    return i2i(image=images, callback_on_step_end=blend.step, callback_on_step_end_tensor_inputs=["latents"], **common).images
+    return i2i(image=images, callback_on_step_end=blend.step, callback_on_step_end_tensor_inputs=["latents"], **common,
+               **kw).images
+
+
+def control_units(engine: "Engine", requests: Sequence["GenRequest"]) -> list[Any]:
+    """The batch's ControlNet units: each unit's model (loaded once) and its control images,
+    one per request."""
+    from .controlnet import ControlUnit
+
+    first = requests[0]
+    return [ControlUnit(engine.controlnet(c.model), [r.controlnet[i].image for r in requests], c.weight, c.start, c.end)
+            for i, c in enumerate(first.controlnet)]
 
 
 def _fresh_scheduler(engine: "Engine", pipe: Any, name: str, requests: Sequence["GenRequest"]) -> None:
+    """A fresh scheduler on `pipe` (the first pass's), SDE noise seeded per image."""
     pipe.scheduler = engine._make_scheduler(name)
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         pipe.scheduler.noise_sampler_seed = [int(r.seed) for r in requests]

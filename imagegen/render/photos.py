@@ -44,6 +44,19 @@ class PhotoCache:
                          lambda: inputs.load_mask(ji.mask, ji.photo, width, height, blur, mask_sha256=ji.mask_sha256,
                                                   photo_sha256=ji.photo_sha256))
 
+    def control_requests(self, job: Job) -> tuple:
+        """The engine's ControlRequests of a job: each unit's image (its own file, or the job's
+        photo) fitted to the job's size and preprocessed (canny), made once per render."""
+        from imagegen.engine import ControlRequest
+
+        out = []
+        for c in job.controlnet:
+            path, sha = (c.image, c.image_sha256) if c.image else (job.input.photo, job.input.photo_sha256)  # type: ignore[union-attr]
+            image = self._get(("control", sha, job.width, job.height, c.preprocess, c.low, c.high),
+                              lambda: control_image(path, sha, job.width, job.height, c.preprocess, c.low, c.high))
+            out.append(ControlRequest(c.model, image, c.weight, c.start, c.end))
+        return tuple(out)
+
     def init_request(self, job: Job) -> Any:
         from imagegen.engine import InitRequest
 
@@ -58,6 +71,19 @@ class PhotoCache:
             final_image = self.photo(job, hw, hh)
             final_mask = self.mask(job, hw, hh, hires_blur(ji.mask_blur, w, hw))
         return InitRequest(self.photo(job, w, h), ji.denoise, mask, ji.keep_unmasked, final_image, final_mask)
+
+
+def control_image(path: str, sha256: str, width: int, height: int, preprocess: str, low: int, high: int) -> Any:
+    """A ControlNet unit's control image: the file fitted to the job's size (transparency black),
+    then the preprocessor (`canny`: white edges on black; `none`: the image is the control map)."""
+    from imagegen.engine.controlnet import prepare_control_image
+
+    image = prepare_control_image(inputs.open_image(path, sha256), width, height)
+    if preprocess == "canny":
+        from imagegen.canny import canny
+
+        image = canny(image, low, high)
+    return image
 
 
 def hires_blur(blur: float, width: int, hires_width: int) -> float:

@@ -116,9 +116,6 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
 
     from imagegen.render.photos import PhotoCache, write_input_thumbs
 
-    if any(j.controlnet for j in run.pending):
-        raise InputError("`controlnet`: ControlNet units are parsed and planned, but this build cannot render them yet "
-                         "(the engine's ControlNet loader is not merged); remove `controlnet:` to render")
     write_input_thumbs(store.thumbs, run.jobs)  # the sheets show each photo beside its renders
     photos = PhotoCache()
     with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
@@ -311,7 +308,8 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
 
         photos = PhotoCache()
     requests = [GenRequest(j.prompt, j.negative, j.seed, j.width, j.height, j.steps, j.guidance, j.scheduler, j.clip_skip,
-                           j.prompt_syntax, j.emphasis, hires=hires, init=photos.init_request(j)) for j in batch]
+                           j.prompt_syntax, j.emphasis, hires=hires, init=photos.init_request(j),
+                           controlnet=photos.control_requests(j)) for j in batch]
     from imagegen.energy import Span
     from imagegen.render.writer import energy_record
 

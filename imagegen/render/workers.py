@@ -150,9 +150,6 @@ def render_with_workers(
         return summary
     from imagegen.render.photos import write_input_thumbs
 
-    if any(j.controlnet for j in run.pending):
-        raise InputError("`controlnet`: ControlNet units are parsed and planned, but this build cannot render them yet "
-                         "(the engine's ControlNet loader is not merged); remove `controlnet:` to render")
     write_input_thumbs(store.thumbs, run.jobs)  # the sheets show each photo beside its renders
 
     store.queue_jobs([(j.id, j.index, group_name(j)) for j in run.pending])
