@@ -11,8 +11,10 @@ same geometry as its photo, so mask and photo stay aligned.
 
 Masks: white = repaint, black = keep (A1111's convention), any mode (converted to 8-bit grey).
 `mask: alpha` uses the photo's own transparency: opaque pixels (the product) are kept,
-transparent ones repainted (mask = 255 - alpha). A photo with an alpha channel is flattened
-onto white before it is used (as A1111 does), so its opaque pixels keep their exact colours.
+transparent ones repainted (mask = 255 - alpha), and the paste-back blends the photo's own
+colours by its alpha (a cut-out composited onto the render: no fringe at anti-aliased edges;
+the recipe's blur default is 0 there, the alpha edge being soft already). A photo with an
+alpha channel is flattened onto white before diffusion sees it (as A1111 does).
 """
 
 from __future__ import annotations
@@ -147,9 +149,19 @@ def flatten(image: "Image.Image") -> "Image.Image":
     return _to_rgb(image, FLATTEN_ON)
 
 
-def load_photo(path: str | Path, width: int, height: int, sha256: str | None = None) -> "Image.Image":
-    """The photo at `path` as RGB at `width`x`height` by the resize rule. Raises InputError."""
-    return fit(flatten(open_image(path, sha256)), width, height)
+def load_photo(path: str | Path, width: int, height: int, sha256: str | None = None, *,
+               straight: bool = False) -> "Image.Image":
+    """The photo at `path` as RGB at `width`x`height` by the resize rule, transparency flattened
+    onto FLATTEN_ON; with `straight`, the colours of a photo with alpha as they are (what the
+    paste-back of `mask: alpha` blends by the alpha). Raises InputError."""
+    image = open_image(path, sha256)
+    if straight and has_alpha(image):
+        return fit(image.convert("RGBA"), width, height).convert("RGB")
+    return fit(flatten(image), width, height)
+
+
+def has_alpha(image: "Image.Image") -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def load_mask(mask: str, photo: str | Path, width: int, height: int, blur: float, *, mask_sha256: str | None = None,
@@ -161,7 +173,7 @@ def load_mask(mask: str, photo: str | Path, width: int, height: int, blur: float
 
     source = open_image(photo, photo_sha256)
     if mask == ALPHA:
-        if "A" not in source.getbands() and not (source.mode == "P" and "transparency" in source.info):
+        if not has_alpha(source):
             raise InputError(f"`mask: alpha`: `{photo}` has no alpha channel")
         m = ImageOps.invert(source.convert("RGBA").getchannel("A"))
     else:

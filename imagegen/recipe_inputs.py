@@ -23,7 +23,8 @@ CONTROLNET_SCHEMA = [{"model": None, "image": None, "preprocess": None, "low": N
 # --- defaults: one place, one comment each ---------------------------------------------------
 DEFAULTS: dict[str, Any] = {
     "denoise": 0.75,  # A1111's img2img default denoising strength
-    "mask_blur": 4,  # px, A1111's default mask blur
+    "mask_blur": 4,  # px, A1111's default mask blur (for mask files)
+    "mask_blur_alpha": 0,  # px, for `mask: alpha`: a cut-out's alpha edge is soft already; a blur would eat the product
     "keep_unmasked": True,  # paste the photo back outside the (blurred) mask: the product is never re-drawn
     "controlnet_preprocess": "none",  # the unit's image is already a control map
     "canny_low": 100,  # A1111's canny thresholds (0-255 gradient scale)
@@ -298,7 +299,7 @@ def read(doc: Any, data: dict, base: Path, *, family: str, inpainting_model: boo
     masks: list = [None] * len(photos)
     if "mask" in data and photos:
         masks = _masks(doc, data, base, photos, wheres)
-    blur = data.get("mask_blur", DEFAULTS["mask_blur"])
+    blur = data.get("mask_blur", DEFAULTS["mask_blur_alpha"] if data.get("mask") == I.ALPHA else DEFAULTS["mask_blur"])
     if not _is_num(blur) or not 0 <= blur <= MAX_MASK_BLUR:
         doc.problem(("mask_blur",), f"`mask_blur` must be a number of pixels from 0 to {MAX_MASK_BLUR}, got {_show(blur)}")
         blur = DEFAULTS["mask_blur"]

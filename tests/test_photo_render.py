@@ -106,6 +106,27 @@ def test_inpaint_render_metadata_sheets_and_resume(tmp_path, capsys):
     assert [j.id for j in again[:4]] == [j.id for j in jobs[:4]] and not {j.id for j in again[4:]} & {j.id for j in jobs}
 
 
+def test_alpha_cutout_is_composited_by_its_alpha(tmp_path, capsys):
+    """`mask: alpha` (blur 0 by default): every opaque pixel is the photo's exactly, every edge
+    pixel the photo's colour over the render by its alpha (within rounding), no white fringe."""
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parent.parent / "recipes" / "photos" / "star.png", tmp_path / "star.png")
+    path = write(tmp_path, "init_image: star.png\ndenoise: 0.9\nmask: alpha\n")
+    job = plan(load_recipe(path))[0]
+    assert job.input.mask_blur == 0
+    assert run(["render", path, "--no-sheet"], capsys)[0] == 0
+    out = pixels(tmp_path / "run" / "images" / f"{job.index:04d}-{job.id}.png")
+    rgba = np.asarray(Image.open(job.input.photo).convert("RGBA"), dtype=np.float64)
+    a = rgba[..., 3:] / 255
+    opaque, edge = a[..., 0] == 1, (a[..., 0] > 0) & (a[..., 0] < 1)
+    assert opaque.sum() > 30 and edge.sum() > 10
+    assert np.array_equal(out[opaque], rgba[..., :3][opaque].astype(np.int16))
+    # at an edge pixel the render's own colour r is unknown; out = a*photo + (1-a)*r means r is in 0..255
+    r = (out - a * rgba[..., :3]) / np.maximum(1 - a, 1e-9)
+    assert (r[edge] > -2).all() and (r[edge] < 257).all()
+
+
 def load_photo_mask(job):
     from imagegen.inputs import load_mask
 

@@ -36,7 +36,8 @@ class InitRequest:
     """The input photo of a `GenRequest`, prepared at the request's size (`imagegen.inputs`).
 
     `image`: PIL RGB; `mask`: PIL 8-bit grey, already blurred, white = repaint (None: img2img);
-    `final_image` / `final_mask`: the same at a hires pass's size, for the paste-back after it."""
+    `final_image` / `final_mask`: the same at a hires pass's size, for the paste-back after it;
+    `keep_image`: what is pasted back when it is not `image` (a cut-out's straight colours)."""
 
     image: Any
     denoise: float
@@ -44,6 +45,7 @@ class InitRequest:
     keep_unmasked: bool = True
     final_image: Any = None
     final_mask: Any = None
+    keep_image: Any = None
 
     @property
     def kind(self) -> tuple[float, bool]:
@@ -205,5 +207,5 @@ def paste_back(image: Any, init: InitRequest | None, *, hires: bool) -> Any:
         return image
     from ..inputs import paste_unmasked
 
-    photo, mask = (init.final_image, init.final_mask) if hires else (init.image, init.mask)
+    photo, mask = (init.final_image, init.final_mask) if hires else (init.image if init.keep_image is None else init.keep_image, init.mask)
     return paste_unmasked(image, photo, mask)

@@ -31,11 +31,11 @@ class PhotoCache:
             hit = self._cache[key] = make()
         return hit
 
-    def photo(self, job: Job, width: int, height: int) -> Any:
+    def photo(self, job: Job, width: int, height: int, *, straight: bool = False) -> Any:
         ji = job.input
         assert ji is not None
-        return self._get(("photo", ji.photo_sha256, width, height),
-                         lambda: inputs.load_photo(ji.photo, width, height, ji.photo_sha256))
+        return self._get(("photo", ji.photo_sha256, width, height, straight),
+                         lambda: inputs.load_photo(ji.photo, width, height, ji.photo_sha256, straight=straight))
 
     def mask(self, job: Job, width: int, height: int, blur: float) -> Any:
         ji = job.input
@@ -65,12 +65,15 @@ class PhotoCache:
             return None
         w, h = job.width, job.height
         mask = self.mask(job, w, h, ji.mask_blur) if ji.mask is not None else None
-        final_image = final_mask = None
-        if job.hires is not None and mask is not None and ji.keep_unmasked:
-            hw, hh = job.hires.width, job.hires.height
-            final_image = self.photo(job, hw, hh)
-            final_mask = self.mask(job, hw, hh, hires_blur(ji.mask_blur, w, hw))
-        return InitRequest(self.photo(job, w, h), ji.denoise, mask, ji.keep_unmasked, final_image, final_mask)
+        cutout = ji.mask == inputs.ALPHA  # pasted back by its alpha, in its own colours
+        final_image = final_mask = keep_image = None
+        if mask is not None and ji.keep_unmasked:
+            keep_image = self.photo(job, w, h, straight=True) if cutout else None
+            if job.hires is not None:
+                hw, hh = job.hires.width, job.hires.height
+                final_image = self.photo(job, hw, hh, straight=cutout)
+                final_mask = self.mask(job, hw, hh, hires_blur(ji.mask_blur, w, hw))
+        return InitRequest(self.photo(job, w, h), ji.denoise, mask, ji.keep_unmasked, final_image, final_mask, keep_image)
 
 
 def control_image(path: str, sha256: str, width: int, height: int, preprocess: str, low: int, high: int) -> Any:
