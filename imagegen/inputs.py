@@ -75,7 +75,7 @@ def probe(path: str | Path) -> InputFile:
     try:
         with Image.open(p) as im:
             width, height = im.size
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            alpha = has_alpha(im)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         why = "not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else " ".join(str(exc).split())[:200]
         raise InputError(f"`{p}`: {why}") from None
@@ -86,7 +86,7 @@ def probe(path: str | Path) -> InputFile:
         digest = file_sha256(p)
     except OSError as exc:
         raise InputError(f"`{p}`: cannot read: {exc.strerror or exc}") from None
-    return InputFile(str(p.resolve()), digest, width, height, has_alpha)
+    return InputFile(str(p.resolve()), digest, width, height, alpha)
 
 
 def list_folder(folder: str | Path) -> list[Path]:
