@@ -240,7 +240,7 @@ def load_controlnet(path: str | Path, family: str, *, device: str = "cpu", dtype
     from diffusers import ControlNetModel
     from safetensors.torch import load_file
 
-    from .engine import _one_line
+    from .device_errors import one_line as _one_line
 
     try:
         sd = load_file(str(p))
