@@ -77,7 +77,10 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
     c = prov["content"]
     hires = HiresRequest.from_content(c["hires"]) if c.get("hires") else None
     upscaler = hires.upscaler if hires and Path(hires.upscaler).is_absolute() else None
-    for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"]), *c.get("embeddings", []), upscaler]:
+    files = [(prov.get("input") or {}).get(k) for k in ("photo", "mask")] + [u.get(k) for u in prov.get("controlnet") or []
+                                                                           for k in ("model", "image")]
+    for ref in [c["model"], c.get("vae"), *(p for p, _ in c["loras"]), *c.get("embeddings", []), upscaler,
+                *(f for f in files if f and f != "alpha")]:
         if ref and not ref.startswith("builtin:") and not Path(ref).exists():
             raise InputError(f"{path}: the image was rendered with `{ref}`, which is no longer there")
     # The original's pixels first: a damaged file is one line now, not a traceback after a render.
@@ -94,9 +97,13 @@ def reproduce_image(path: str | Path, *, device: str | None = None, dtype: str |
     if c.get("embeddings"):
         engine.set_embeddings(c["embeddings"])
     w, h = c["size"]
+    from imagegen.render.photos import PhotoCache, photo_job
+
+    job = photo_job(c, prov, hires)  # its photo, mask and control images, checked against their sha256
+    photos = PhotoCache()
     request = GenRequest(c["prompt"], c["negative"], c["seed"], w, h, c["steps"], c["guidance"], c["scheduler"],
                          c["clip_skip"], c.get("prompt_syntax", "a1111"), c.get("emphasis", "original"),
-                         hires=hires)
+                         hires=hires, init=photos.init_request(job), controlnet=photos.control_requests(job))
     [result] = engine.generate([request])
     if result.image is None:
         raise InputError(f"{path}: the new render failed: {result.error}")

@@ -162,6 +162,9 @@ def test_img2img_with_hires_and_import(tmp_path, capsys):
     fields = parse_parameters(read_png_text(png)["parameters"])
     assert fields["Denoising strength"] == "0.7" and fields["Hires denoising strength"] == "0.5"
     assert read_provenance(png)["passes"][0]["pass"] == "inpaint"
+    from imagegen.reproduce import reproduce_image
+
+    assert reproduce_image(png, device="cpu").max_diff <= 1  # the photo and mask found again by path, checked by sha256
     # import gives back a recipe whose job is the same
     out_yaml = tmp_path / "back.yaml"
     code, _, err = run(["import", png, "-o", out_yaml], capsys)
@@ -240,6 +243,9 @@ def test_controlnet_recipe_renders_with_canny_from_the_photo(tmp_path, capsys):
     assert "Weight: 1, Resize Mode: Crop and Resize, Threshold A: 50, Threshold B: 150, Guidance Start: 0, Guidance End: 0.8" in fields["ControlNet 0"]
     prov = read_provenance(by[(j0.seed, 1.0, j0.prompt)])
     assert prov["controlnet"][0]["image_sha256"] == j0.input.photo_sha256 and prov["controlnet"][0]["model_sha256"]
+    from imagegen.reproduce import reproduce_image
+
+    assert reproduce_image(by[(j0.seed, 1.0, j0.prompt)], device="cpu").max_diff <= 1
     back = tmp_path / "back.yaml"
     assert run(["import", by[(j0.seed, 1.0, j0.prompt)], "-o", back], capsys)[0] == 0
     again = plan(load_recipe(back))

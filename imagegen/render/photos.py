@@ -7,13 +7,49 @@ thumbnails under the run folder's `thumbs/inputs/` (one per photo, named by its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
 
 from imagegen import inputs
-from imagegen.plan import Job
+from imagegen.plan import ControlUse, Job, JobInput
 
 MAX_CACHED = 64  # prepared photos and masks kept between batches
+
+
+@dataclass(frozen=True)
+class PhotoJob:
+    """What preparing a job's photos reads (a `plan.Job` has the same attributes): for a job
+    rebuilt from an image's metadata (`imagegen reproduce`)."""
+
+    input: JobInput | None
+    controlnet: tuple[ControlUse, ...]
+    width: int
+    height: int
+    hires: Any = None  # anything with `width` and `height`: the hires pass's size
+
+
+AnyJob = Union[Job, PhotoJob]
+
+
+def photo_job(content: dict, provenance: dict, hires: Any = None) -> PhotoJob:
+    """The PhotoJob of an image from its imagegen JSON: the canonical `content` names the
+    files by sha256, the provenance's `input` / `controlnet` by path."""
+    ci, pi = content.get("input"), provenance.get("input") or {}
+    job_input = None
+    if ci:
+        mask = None if "mask" not in ci else (inputs.ALPHA if ci["mask"] == inputs.ALPHA else pi.get("mask"))
+        job_input = JobInput(pi.get("photo", ""), ci["photo"], float(ci["denoise"]), mask,
+                             ci["mask"] if mask not in (None, inputs.ALPHA) else None, float(ci.get("mask_blur", 0)),
+                             bool(ci.get("keep_unmasked", True)))
+    units = []
+    for cu, pu in zip(content.get("controlnet") or [], (provenance.get("controlnet") or []) + [{}] * 8):
+        own = cu["image"] != "photo"
+        units.append(ControlUse(cu["model"], pu.get("image") if own else None, cu["image"] if own else None, cu["preprocess"],
+                                int(cu.get("low", 0)), int(cu.get("high", 0)), float(cu["weight"]), float(cu["start"]),
+                                float(cu["end"])))
+    w, h = content["size"]
+    return PhotoJob(job_input, tuple(units), int(w), int(h), hires)
 
 
 class PhotoCache:
@@ -31,20 +67,20 @@ class PhotoCache:
             hit = self._cache[key] = make()
         return hit
 
-    def photo(self, job: Job, width: int, height: int, *, straight: bool = False) -> Any:
+    def photo(self, job: AnyJob, width: int, height: int, *, straight: bool = False) -> Any:
         ji = job.input
         assert ji is not None
         return self._get(("photo", ji.photo_sha256, width, height, straight),
                          lambda: inputs.load_photo(ji.photo, width, height, ji.photo_sha256, straight=straight))
 
-    def mask(self, job: Job, width: int, height: int, blur: float) -> Any:
+    def mask(self, job: AnyJob, width: int, height: int, blur: float) -> Any:
         ji = job.input
         assert ji is not None and ji.mask is not None
         return self._get(("mask", ji.photo_sha256, ji.mask_sha256 or ji.mask, width, height, blur),
                          lambda: inputs.load_mask(ji.mask, ji.photo, width, height, blur, mask_sha256=ji.mask_sha256,
                                                   photo_sha256=ji.photo_sha256))
 
-    def control_requests(self, job: Job) -> tuple:
+    def control_requests(self, job: AnyJob) -> tuple:
         """The engine's ControlRequests of a job: each unit's image (its own file, or the job's
         photo) fitted to the job's size and preprocessed (canny), made once per render."""
         from imagegen.engine import ControlRequest
@@ -57,7 +93,7 @@ class PhotoCache:
             out.append(ControlRequest(c.model, image, c.weight, c.start, c.end))
         return tuple(out)
 
-    def init_request(self, job: Job) -> Any:
+    def init_request(self, job: AnyJob) -> Any:
         from imagegen.engine import InitRequest
 
         ji = job.input
