@@ -156,3 +156,15 @@ def test_validate_and_plan_stay_torch_free(tmp_path):
             f"plan(load_recipe({str(path)!r})); print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_photo_changed_after_planning_is_one_clear_error(tmp_path):
+    from imagegen.errors import InputError
+    from imagegen.inputs import load_photo, probe
+
+    product_photo((32, 32))[0].save(tmp_path / "p.png")
+    found = probe(tmp_path / "p.png")
+    assert load_photo(found.path, 32, 32, found.sha256).size == (32, 32)
+    product_photo((32, 32))[0].rotate(90).save(tmp_path / "p.png")
+    with pytest.raises(InputError, match="changed since the recipe was read"):
+        load_photo(found.path, 32, 32, found.sha256)
