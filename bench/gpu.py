@@ -13,7 +13,8 @@ Rows:
 - Wh/image: measured by NVML (GPU) or RAPL (CPU) around the SD1.5 batches, else "not measured".
 - upscale: a RealESRGAN_x4plus-sized RRDBNet (quick: a small compact net) from 1536x1024 to
   17000 px wide (quick: 192x128 to 1536 px), tiled Deflate TIFF: wall time incl. encoding,
-  output MP/s, peak memory.
+  the slowest stage and the sum of the stages (they run side by side: the wall time sits
+  between the two), output MP/s, peak memory.
 Everything runs offline with random weights: the images are noise, the timings are real.
 Each timed part is run once first (warm-up: cuDNN autotuning, allocator) and then timed.
 """
@@ -129,8 +130,11 @@ def bench_upscale(arch: str, src_size: str, width: int, device: str, folder: Pat
         wall = time.perf_counter() - t0
     fw, fh = plan.final_size
     vram = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    stages = {k: tm[k] for k in ("read", "model", "resize", "alpha", "encode") if k in tm}
+    slowest = max(stages, key=stages.get)
     return {"what": f"{arch} {w}x{h} -> {fw}x{fh}", "wall": wall, "mps": fw * fh / 1e6 / wall, "vram": vram,
-            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024}
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024,
+            "slowest": (slowest, stages[slowest]), "sum": sum(stages.values())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -186,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["upscale"] = u
         vram = "-" if u["vram"] is None else f"{u['vram']:.1f}"
         rows += [(f"upscale {u['what']} (TIFF): wall s", f"{u['wall']:.1f}"),
+                 ("upscale stages run side by side: slowest / sum of stages s",
+                  f"{u['slowest'][0]} {u['slowest'][1]:.1f} / {u['sum']:.1f}"),
                  ("upscale output MP/s", f"{u['mps']:.1f}"),
                  ("upscale peak VRAM / RSS GiB", f"{vram} / {u['rss']:.1f}")]
     # 4. One table.

@@ -1,10 +1,15 @@
 """Benchmark (not a test): upscale a 1536x1024 image to 17000 px wide in bounded memory.
 
 Default: CPU, a small SRVGGNetCompact with random weights (so it finishes in a minute or two),
-tiled Deflate BigTIFF output. Prints peak memory (max RSS) and the time split into model time
-(tiles + blending), resize time, and encode time (compression + writing).
+tiled Deflate BigTIFF output. Prints peak memory (max RSS), the wall time, and each stage's
+own time: model (tiles + blending), resize, encode (compression + writing). The stages of the
+last pass run side by side (imagegen/upscale/stages.py), so the wall time is compared with the
+slowest stage (the floor with enough cores) and with the sum of the stages (what running them
+one after another costs). `--compare` also runs the sequential path first, on the same image,
+and checks that both files are byte for byte the same.
 
     .venv/bin/python bench/upscale.py                       # CPU figures, target <= 2.5 GB RSS
+    .venv/bin/python bench/upscale.py --compare --format png   # sequential vs overlapped
     .venv/bin/python bench/upscale.py --device cuda --arch x4plus --width 6144
         # RealESRGAN_x4plus-sized RRDBNet (23 blocks, 64 feat, 32 grow), fp16: output MP/s
         # and the share of the compute floor (~2.24 TFLOP per output megapixel).
@@ -63,6 +68,8 @@ def main() -> None:
     ap.add_argument("--format", default="tif", choices=["tif", "png", "jpg"])
     ap.add_argument("--tile", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="folder for the output (default: a temp dir)")
+    ap.add_argument("--compare", action="store_true", help="run the sequential path too and compare")
+    ap.add_argument("--sequential", action="store_true", help="only the sequential path (no overlap)")
     ap.add_argument("--repeat", type=int, default=None,
                     help="runs; the last one is reported (default: 1 on CPU, 2 on CUDA so cuDNN autotuning is excluded)")
     args = ap.parse_args()
@@ -100,22 +107,38 @@ def main() -> None:
     if up.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    dst = folder / f"out.{args.format}"
     repeat = args.repeat or (2 if up.device.startswith("cuda") else 1)
-    for _ in range(repeat):
-        dst.unlink(missing_ok=True)
-        tm: dict[str, float] = {}
-        t0 = time.perf_counter()
-        upscale_image(src, dst, up, plan, tile=args.tile, fmt=args.format, timings=tm)
-        wall = time.perf_counter() - t0
+    modes = [False, True] if args.compare else [not args.sequential]
+    results = {}
+    for overlap in modes:
+        dst = folder / f"out-{'overlap' if overlap else 'sequential'}.{args.format}"
+        for _ in range(repeat):
+            dst.unlink(missing_ok=True)
+            tm: dict[str, float] = {}
+            t0 = time.perf_counter()
+            upscale_image(src, dst, up, plan, tile=args.tile, fmt=args.format, timings=tm, overlap=overlap)
+            wall = time.perf_counter() - t0
+        results[overlap] = (dst, tm, wall)
 
     # 3. Report.
     out_mp = sum(s.out_size[0] * s.out_size[1] for s in plan.steps if s.kind == "model") / 1e6
     fw, fh = plan.final_size
+    for overlap, (dst, tm, wall) in results.items():
+        stages = {k: tm.get(k, 0.0) for k in ("read", "model", "resize", "alpha", "encode") if k in tm}
+        slowest = max(stages, key=stages.get)
+        print(f"{'overlapped' if overlap else 'sequential'}: wall {wall:.1f} s; "
+              + " + ".join(f"{k} {v:.1f}" for k, v in stages.items())
+              + f" = sum of stages {sum(stages.values()):.1f} s; slowest stage {slowest} {stages[slowest]:.1f} s"
+              + f" (wall / slowest {wall / max(stages[slowest], 1e-9):.2f}, wall / sum {wall / max(sum(stages.values()), 1e-9):.2f})")
+        print(f"  model throughput {out_mp / tm['model']:.2f} output MP/s ({out_mp:.1f} MP over {plan.passes} passes)")
+    dst = results[modes[-1]][0]
     print(f"output {fw}x{fh} ({fw * fh / 1e6:.1f} MP), file {dst.stat().st_size / 1e6:.1f} MB ({args.format})")
-    print(f"wall {wall:.1f} s = model {tm.get('model', 0):.1f} s + resize {tm.get('resize', 0):.1f} s"
-          f" + encode {tm.get('encode', 0):.1f} s + read {tm.get('read', 0):.2f} s")
-    print(f"model throughput {out_mp / tm['model']:.2f} output MP/s ({out_mp:.1f} MP over {plan.passes} passes)")
+    if args.compare:
+        same = results[False][0].read_bytes() == results[True][0].read_bytes()
+        seq_wall, ovl_wall = results[False][2], results[True][2]
+        print(f"sequential {seq_wall:.1f} s vs overlapped {ovl_wall:.1f} s: x{seq_wall / ovl_wall:.2f}; "
+              f"files {'byte-identical' if same else 'DIFFER'}")
+    tm = results[modes[-1]][1]
     print(f"peak memory: max RSS {max_rss_mb():.0f} MB (after imports {rss_start:.0f} MB)")
     if up.device.startswith("cuda"):
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}")

@@ -17,7 +17,7 @@ def test_gpu_bench_quick_on_cpu(capsys):
     spec.loader.exec_module(bench)
     out = bench.main(["--device", "cpu", "--quick"])
     table = capsys.readouterr().out
-    assert table.count("\n| ") == 11 and "ratio imagegen / plain loop" in table
+    assert table.count("\n| ") == 12 and "ratio imagegen / plain loop" in table
     assert out["sd15_img_s"] > 0 and out["plain_img_s"] > 0 and out["sdxl_s_img"] > 0
     assert out["batch_diff"] <= 2  # batch 1 vs 8 on CPU: within 2/255
     assert out["upscale"]["mps"] > 0

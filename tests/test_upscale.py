@@ -24,7 +24,7 @@ from imagegen.upscale import load_upscaler, plan_passes, read_metadata, upscale_
 from imagegen.upscale.archs.compact.net import SRVGGNetCompact
 from imagegen.upscale.archs.rrdbnet.net import RRDBNet
 from imagegen.upscale.resize import resize_strips
-from imagegen.upscale.tiling import TileConfig, Tiler, choose_config, starts
+from imagegen.upscale.tiling import TileConfig, Tiler, choose_config, layout
 from imagegen.upscale.writers import write_png, write_tiff
 
 # ---------------------------------------------------------------------------------------------
@@ -256,10 +256,10 @@ def test_no_seams_at_tile_borders(tmp_path):
     tiled = np.concatenate(list(Tiler(up).strips(img, cfg)))
     whole = run(up, img, tile=0)
     assert np.abs(np.diff(tiled.astype(float), axis=1)).mean() > 0.5
-    xs, ys = starts(120, 32, 24), starts(100, 32, 24)
+    (tx, xs), (ty, ys) = layout(120, 32, 8), layout(100, 32, 8)
     # Every output column/row where some tile begins or ends (a hard paste would jump there).
-    bx = sorted({x * s - 1 for x in xs[1:]} | {(x + 32) * s - 1 for x in xs[:-1]})
-    by = sorted({y * s - 1 for y in ys[1:]} | {(y + 32) * s - 1 for y in ys[:-1]})
+    bx = sorted({x * s - 1 for x in xs[1:]} | {(x + tx) * s - 1 for x in xs[:-1]})
+    by = sorted({y * s - 1 for y in ys[1:]} | {(y + ty) * s - 1 for y in ys[:-1]})
     rx, ry = _seam_ratio(tiled, bx, 1, s), _seam_ratio(tiled, by, 0, s)
     assert rx <= 1.05 and ry <= 1.05, (rx, ry)
     # ... and the same as the untiled output shows at those very places.
@@ -271,9 +271,9 @@ def test_no_seams_at_tile_borders(tmp_path):
     pasted = np.zeros_like(tiled)
     for y0 in ys:
         for x0 in xs:
-            out = up(x[None, :, y0 : y0 + 32, x0 : x0 + 32])[0]
+            out = up(x[None, :, y0 : y0 + ty, x0 : x0 + tx])[0]
             out = (out * 255).round().byte().permute(1, 2, 0).numpy()
-            pasted[y0 * s : (y0 + 32) * s, x0 * s : (x0 + 32) * s] = out
+            pasted[y0 * s : (y0 + ty) * s, x0 * s : (x0 + tx) * s] = out
     cuts_x = [x * s - 1 for x in xs[1:]]
     cuts_y = [y * s - 1 for y in ys[1:]]
     assert _seam_ratio(pasted, cuts_x, 1, s) > 1.5
@@ -304,7 +304,7 @@ def test_out_of_memory_backoff_halves_tiles(tmp_path):
     small = _SmallMemoryUpscaler(up)
     cfg = TileConfig(tile=32, overlap=8, margin=2, batch=2)
     out = np.concatenate(list(Tiler(small).strips(img, cfg)))
-    assert any(c[0] == 2 for c in small.calls) and any(c[-1] == 16 for c in small.calls)
+    assert any(c[0] == 2 for c in small.calls) and any(c[0] == 1 and c[-1] <= 16 for c in small.calls)
     assert psnr(out, run(up, img, 0)) >= 40
 
 

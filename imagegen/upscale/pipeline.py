@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from imagegen.metadata import file_sha256
 from imagegen.upscale.model import Upscaler
 from imagegen.upscale.plan import UpscalePlan
 from imagegen.upscale.resize import hpass, resize_array, resize_strips, vpass
+from imagegen.upscale.stages import THREADS, Timed, prefetch
 from imagegen.upscale.tiling import Tiler, choose_config
 from imagegen.upscale.writers import WRITERS
 
@@ -50,19 +52,6 @@ def read_image(src: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]
     if has_alpha:
         return np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3]), info
     return arr, None, info
-
-
-def _timed(it: Iterable[np.ndarray], timings: dict[str, float], key: str) -> Iterator[np.ndarray]:
-    it = iter(it)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-            return
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-        yield item
 
 
 def _add_alpha(strips: Iterable[np.ndarray], alpha: np.ndarray, size: tuple[int, int]) -> Iterator[np.ndarray]:
@@ -99,13 +88,22 @@ def upscale_image(
     fmt: str = DEFAULT_FORMAT,
     progress: Callable[[int, int], None] | None = None,
     timings: dict[str, float] | None = None,
+    overlap: bool = True,
 ) -> Path:
     """Upscale `src` following `plan` and write `dst` atomically (temp name, fsync, rename).
 
     `tile` is the tile side in input pixels (None: from free memory; 0: whole image, no tiling).
     `fmt` is tif (tiled Deflate BigTIFF), png or jpg. `progress(done, total)` counts tiles over
-    all passes. `timings`, if given, receives seconds spent in `read`, `model` (tiles and
-    blending), `resize` and `encode` (compression and writing).
+    all passes (always called in the calling thread). `timings`, if given, receives the
+    seconds of each stage: `read`, `model` (tiles and blending), `resize`, `alpha` (RGBA only),
+    `encode` (compression and writing), and `total` (the wall time).
+
+    `overlap` (the default) runs the last pass's stages side by side (imagegen/upscale/stages.py):
+    the model in a producer thread ahead of the final resize, itself in a thread ahead of the
+    encoder, with small bounded queues between them, and the resize and the compression in
+    `THREADS` threads each. `overlap=False` runs everything in the calling thread. Both write
+    the same bytes. With overlap, a stage's time is the time its own thread spent on it, so
+    the stages add up to more than the wall time.
 
     Metadata: the source's `parameters` text with an upscale note appended (`Upscaler`,
     `Upscaler hash` = first 10 hex of the weights' sha256, `Upscale passes`, `Final size`) and
@@ -156,47 +154,75 @@ def upscale_image(
             configs.append(cfg)
             total += tiler.tile_count(*step.in_size, cfg)
     done = 0
+    shown = -1
+    caller = threading.current_thread()
+
+    def show() -> None:
+        nonlocal shown
+        if progress is not None and done != shown:
+            shown = done
+            progress(done, total)
 
     def tick(n: int) -> None:
         nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+        done += n  # the model runs in one thread at a time; the caller's thread shows it
+        if threading.current_thread() is caller:
+            show()
 
     tiler.progress = tick
-    if progress is not None:
-        progress(0, total)
+    show()
 
     # 3. All passes but the last one are held in memory as uint8 (they are smaller than the output).
     last_model = max(i for i, s in enumerate(plan.steps) if s.kind == "model")
     image = rgb
     pass_no = 0
     for step in plan.steps[:last_model]:
+        t0 = time.perf_counter()
         if step.kind == "model":
             out = np.empty((step.out_size[1], step.out_size[0], 3), np.uint8)
             y = 0
-            for strip in _timed(tiler.strips(image, configs[pass_no]), tm, "model"):
+            for strip in tiler.strips(image, configs[pass_no]):
                 out[y : y + strip.shape[0]] = strip
                 y += strip.shape[0]
             image = out
             pass_no += 1
+            tm["model"] = tm.get("model", 0.0) + time.perf_counter() - t0
         else:
-            t0 = time.perf_counter()
             image = resize_array(image, step.out_size)
             tm["resize"] = tm.get("resize", 0.0) + time.perf_counter() - t0
 
-    # 4. The last pass streams: tiles -> strips -> (final Lanczos) -> (alpha) -> writer.
-    #    Each stage is timed inclusively (it pulls the stage before it); exclusive times below.
+    # 4. The last pass streams: tiles -> strips -> (final Lanczos) -> (alpha) -> writer. Each
+    #    stage is timed inclusively in the thread that pulls it; with overlap, a stage pulls
+    #    from a queue filled by the stage before it in another thread. Exclusive times below.
     last = plan.steps[last_model]
     tail = plan.steps[last_model + 1 :]
     if len(tail) > 1 or any(s.kind != "resize" for s in tail):
         raise InputError("plan has more than one step after its last model pass")
-    strips: Iterable[np.ndarray] = _timed(tiler.strips(image, configs[pass_no]), tm, "last_model")
+    workers = THREADS if overlap else 0
+    chain: list[tuple[str, Timed[np.ndarray]]] = []  # (stage, its timer), in pull order
+
+    def stage(name: str, it: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        timer = Timed(it)
+        chain.append((name, timer))
+        if not overlap:
+            return timer
+        waited = Timed(prefetch(timer, name=name))  # what the next stage waits for this one
+        chain.append(("wait", waited))
+        return waited
+
+    strips: Iterable[np.ndarray] = stage("model", tiler.strips(image, configs[pass_no]))
     if tail:
-        strips = _timed(resize_strips(strips, last.out_size, tail[0].out_size), tm, "last_resize")
+        strips = stage("resize", resize_strips(strips, last.out_size, tail[0].out_size, workers=workers))
     if alpha is not None:
-        strips = _timed(_add_alpha(strips, alpha, plan.final_size), tm, "last_alpha")
+        strips = Timed(_add_alpha(strips, alpha, plan.final_size))
+        chain.append(("alpha", strips))  # type: ignore[arg-type]
     channels = 3 if alpha is None else 4
+
+    def shown_strips(strips: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for strip in strips:
+            show()
+            yield strip
+        show()
 
     # 5. Metadata.
     params, data = source_metadata(info)
@@ -225,20 +251,20 @@ def upscale_image(
     fw, fh = plan.final_size
     dst.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    write_atomic(dst, lambda f: writer(f, strips, fw, fh, channels, with_note(params, note), data))
+    try:
+        write_atomic(dst, lambda f: writer(f, shown_strips(strips), fw, fh, channels, with_note(params, note), data,
+                                           workers=workers))
+    finally:
+        for _, timer in reversed(chain):  # stop producer threads left running by an error
+            timer.close()
     t_write = time.perf_counter() - t0
-    # 7. Exclusive times per stage.
-    last_model_s = tm.pop("last_model", 0.0)
-    last_resize_s = tm.pop("last_resize", 0.0)
-    last_alpha_s = tm.pop("last_alpha", 0.0)
-    tm["model"] = tm.get("model", 0.0) + last_model_s
-    if tail:
-        tm["resize"] = tm.get("resize", 0.0) + last_resize_s - last_model_s
-    outer_s = last_resize_s if tail else last_model_s
-    if alpha is not None:
-        tm["alpha"] = last_alpha_s - outer_s
-        outer_s = last_alpha_s
-    tm["encode"] = t_write - outer_s
+    # 7. Exclusive times per stage: inclusive minus what it pulled from, in the same thread.
+    below = 0.0
+    for name, timer in chain:
+        if name != "wait":
+            tm[name] = tm.get(name, 0.0) + timer.seconds - below
+        below = timer.seconds
+    tm["encode"] = t_write - below
     tm["total"] = time.perf_counter() - t_all
     if timings is not None:
         timings.update(tm)

@@ -5,6 +5,11 @@ then vertical over a slab of rows with a fractional `box`. Pillow takes a filter
 the whole image it is given, so as long as the slab holds the support of the requested rows the
 result equals a one-shot two-pass resize, whatever the strip boundaries. (Pillow's own one-shot
 `resize` may pick the pass order by cost, and rounding after the first pass then differs.)
+
+`resize_strips` can run both passes in worker threads (Pillow releases the GIL while it
+resamples): each incoming strip's horizontal pass and each block of `OUT_ROWS` output rows is
+one call, computed from data no other call changes, so the strips are the same with any
+number of workers.
 """
 
 from __future__ import annotations
@@ -60,31 +65,50 @@ def needed_rows(src_h: int, h_out: int, j0: int, j1: int) -> tuple[int, int]:
 
 
 def resize_strips(
-    strips: Iterable[np.ndarray], src_size: tuple[int, int], size: tuple[int, int]
+    strips: Iterable[np.ndarray], src_size: tuple[int, int], size: tuple[int, int], *, workers: int = 0
 ) -> Iterator[np.ndarray]:
-    """Lanczos-resize a stream of full-width uint8 strips (total `src_size`) to `size`, as strips."""
+    """Lanczos-resize a stream of full-width uint8 strips (total `src_size`) to `size`, as strips.
+
+    `workers` > 0 runs the horizontal and vertical passes in that many threads each (the
+    strips are the same; 0: in the calling thread).
+    """
+    from imagegen.upscale.stages import pipelined
+
     src_w, src_h = src_size
     w_out, h_out = size
-    buf: np.ndarray | None = None  # horizontally resized source rows [buf_y0, buf_y0 + len(buf))
-    buf_y0 = 0
-    have = 0  # source rows received so far
-    j = 0  # next output row
-    it = iter(strips)
-    while j < h_out:
-        j1 = min(h_out, j + OUT_ROWS)
-        a, b = needed_rows(src_h, h_out, j, j1)
-        while have < b:
-            strip = next(it, None)
-            if strip is None:
-                raise ValueError(f"strip stream ended at row {have}, expected {src_h}")
+
+    def checked(strips: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for strip in strips:
             if strip.shape[1] != src_w:
                 raise ValueError(f"strip width {strip.shape[1]} differs from the declared {src_w}")
-            strip = hpass(strip, w_out)
-            buf = strip if buf is None else np.concatenate([buf, strip])
-            have += strip.shape[0]
-        assert buf is not None
-        if a > buf_y0:  # drop rows no later output row needs
-            buf = buf[a - buf_y0 :]
-            buf_y0 = a
-        yield vpass(buf[: b - buf_y0], src_h, h_out, j, j1, buf_y0)
-        j = j1
+            yield strip
+
+    wide = pipelined(checked(strips), lambda s: hpass(s, w_out), workers=workers, depth=2 * workers)
+
+    def blocks() -> Iterator[tuple[np.ndarray, int, int, int]]:
+        """(slab, first output row, end row, slab's first source row) of each output block."""
+        buf: np.ndarray | None = None  # horizontally resized source rows [buf_y0, buf_y0 + len(buf))
+        buf_y0 = 0
+        have = 0  # source rows received so far
+        j = 0  # next output row
+        while j < h_out:
+            j1 = min(h_out, j + OUT_ROWS)
+            a, b = needed_rows(src_h, h_out, j, j1)
+            while have < b:
+                strip = next(wide, None)
+                if strip is None:
+                    raise ValueError(f"strip stream ended at row {have}, expected {src_h}")
+                buf = strip if buf is None else np.concatenate([buf, strip])  # a new array: slabs handed out stay as they are
+                have += strip.shape[0]
+            assert buf is not None
+            if a > buf_y0:  # drop rows no later output row needs
+                buf = buf[a - buf_y0 :]
+                buf_y0 = a
+            yield buf[: b - buf_y0], j, j1, buf_y0
+            j = j1
+
+    try:
+        yield from pipelined(blocks(), lambda blk: vpass(blk[0], src_h, h_out, blk[1], blk[2], blk[3]),
+                             workers=workers, depth=2 * workers)
+    finally:
+        wide.close()

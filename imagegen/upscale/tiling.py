@@ -1,6 +1,9 @@
 """Seam-free tiled inference that yields the upscaled image as uint8 row strips.
 
-The (padded) input is cut into equal overlapping tiles. Each tile's output is weighted by a
+The (padded) input is cut into equal overlapping tiles: each side is split evenly (`layout`:
+the fewest tiles no larger than the tile size that overlap by at least `overlap`, all of one
+size, spread evenly), so the tile plan depends on the image size and the tile size only, and
+no last tile is squeezed against the border with a huge overlap. Each tile's output is weighted by a
 separable feather: on sides that touch a neighbouring tile, the outermost `margin` pixels get
 weight 0 (they saw zero padding) and the next `overlap - 2*margin` pixels ramp up with a raised
 cosine; sides on the image border keep weight 1. Overlapping outputs are summed with their
@@ -27,7 +30,8 @@ from imagegen.upscale.model import Upscaler
 CPU_TILE_BYTES = 384 << 20  # activation budget for one CPU tile
 CPU_BAND_BYTES = 256 << 20  # float32 band accumulator on CPU (output width x band height x 3)
 CUDA_FREE_SHARE = 0.6  # share of free CUDA memory used for tiles + band accumulators
-MAX_TILE = 512  # input pixels per tile side when memory allows
+MAX_TILE = 512  # input pixels per tile side on CPU
+CUDA_MAX_TILE = 1024  # input pixels per tile side on CUDA when memory allows (fewer overlaps to compute twice)
 MIN_TILE = 32  # smallest automatic tile side
 MIN_EXPLICIT_TILE = 16  # smallest `tile` a caller may ask for (smaller tiles cannot overlap usefully)
 MIN_BACKOFF_TILE = 16  # out-of-memory halving stops (with an error) below this
@@ -50,14 +54,18 @@ def _round_down(v: int, m: int) -> int:
     return max(m, v // m * m)
 
 
-def starts(n: int, t: int, stride: int) -> list[int]:
-    """Tile start positions covering [0, n) with tiles of size t; the last one is clamped."""
-    if n <= t:
-        return [0]
-    pos = [0]
-    while pos[-1] + t < n:
-        pos.append(min(pos[-1] + stride, n - t))
-    return pos
+def layout(n: int, tile: int, overlap: int, multiple: int = 1) -> tuple[int, list[int]]:
+    """Split [0, n) evenly: (tile side, start positions) of the fewest tiles no larger than `tile`
+    whose neighbours overlap by at least `overlap`. All tiles have one size; starts (and the
+    size, when `n` and `tile` are) are multiples of `multiple`. Depends on its arguments only."""
+    if n <= tile:
+        return n, [0]
+    m = max(multiple, 1)
+    k = -(-(n - overlap) // max(1, tile - overlap))  # tiles needed
+    t = -(-(n + (k - 1) * overlap) // k)  # the smallest equal size that covers n with k tiles
+    t = min(tile, -(-t // m) * m)
+    span = n - t
+    return t, [(i * span // m) // (k - 1) * m for i in range(k - 1)] + [span]
 
 
 def cuda_usable_bytes(device: str) -> int:
@@ -102,7 +110,7 @@ def choose_config(up: Upscaler, width: int, height: int, tile: int | None) -> Ti
     elif tile is not None:
         t = _round_down(tile, max(p, 8))
     elif cuda:
-        t = MAX_TILE
+        t = CUDA_MAX_TILE
         while t > MIN_TILE and bpp * t * t + 24 * out_w * t * up.scale > budget:
             t //= 2
     else:
@@ -169,11 +177,10 @@ class Tiler:
         """Yield (float rows CxhxW on device, first output row) for a CxHxW float tensor in [0,1]."""
         import torch
 
-        s = self.up.scale
+        s, p = self.up.scale, max(self.up.pad_multiple, 1)
         _, h, w = x.shape
-        ty, tx = min(cfg.tile, h), min(cfg.tile, w)
-        stride_y, stride_x = max(1, ty - cfg.overlap), max(1, tx - cfg.overlap)
-        ys, xs = starts(h, ty, stride_y), starts(w, tx, stride_x)
+        ty, ys = layout(h, cfg.tile, cfg.overlap, p)
+        tx, xs = layout(w, cfg.tile, cfg.overlap, p)
         dev = x.device
         fx = [feather(tx, s, left=x0 > 0, right=x0 + tx < w, overlap=cfg.overlap, margin=cfg.margin) for x0 in xs]
         fy = [feather(ty, s, left=y0 > 0, right=y0 + ty < h, overlap=cfg.overlap, margin=cfg.margin) for y0 in ys]
@@ -216,8 +223,7 @@ class Tiler:
     def tile_count(self, width: int, height: int, cfg: TileConfig) -> int:
         p = max(self.up.pad_multiple, 1)
         h, w = -(-height // p) * p, -(-width // p) * p
-        ty, tx = min(cfg.tile, h), min(cfg.tile, w)
-        return len(starts(h, ty, max(1, ty - cfg.overlap))) * len(starts(w, tx, max(1, tx - cfg.overlap)))
+        return len(layout(h, cfg.tile, cfg.overlap, p)[1]) * len(layout(w, cfg.tile, cfg.overlap, p)[1])
 
     def strips(self, image: np.ndarray, cfg: TileConfig) -> Iterator[np.ndarray]:
         """Yield the upscaled `image` (HxWx3 uint8) as uint8 strips of full output width, top down.

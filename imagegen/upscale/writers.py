@@ -4,8 +4,13 @@
   by us in a thread pool while the model makes the next strips, and tifffile writes the bytes. Metadata: ImageDescription (tag 270) holds the `parameters` text (ASCII;
   other characters as backslash escapes), private tag 65000 the exact `parameters` text as
   UTF-8, private tag 65001 the `imagegen` JSON as UTF-8.
-- PNG: written by hand: IHDR, tEXt/iTXt (`parameters`, `imagegen`), IDAT streamed through
-  `zlib.compressobj` with the Paeth filter on every row, IEND.
+- PNG: written by hand: IHDR, tEXt/iTXt (`parameters`, `imagegen`), IDAT, IEND. The Paeth
+  filter is applied to every row and the filtered rows are deflated in segments of about
+  `PNG_SEGMENT_BYTES`, in parallel (as pigz does): each segment is raw deflate primed with the
+  32 KiB of filtered data before it and ended by a sync flush (byte-aligned, not final), the
+  segments are joined behind one zlib header, then an empty final block and the Adler-32 of
+  the whole data (combined from the segments' own). That is one valid zlib stream; its bytes
+  depend on the pixels only (segment bounds follow the width), whatever the number of threads.
 - JPEG: Pillow needs the whole image, so strips are pasted into one uint8 Pillow image (never
   float); `parameters` goes to EXIF UserComment, the `imagegen` JSON to a COM segment.
 
@@ -14,68 +19,64 @@ All writers take an open binary file; atomic naming is the caller's job.
 
 from __future__ import annotations
 
-import json
-import os
 import struct
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
 from imagegen.defaults import JPEG_MAX_SIDE
 from imagegen.errors import InputError
 from imagegen.metadata import png_chunk, png_text_chunk, strict_json
-
-T = TypeVar("T")
-R = TypeVar("R")
+from imagegen.upscale.stages import THREADS, pipelined
 
 # Defaults, one place.
 TIFF_TILE = 256  # TIFF tile side in pixels
 TIFF_LEVEL = 6  # Deflate level for TIFF tiles
-ENCODE_THREADS = max(1, min(8, os.cpu_count() or 1))  # threads compressing TIFF tiles
+ENCODE_THREADS = THREADS  # threads compressing TIFF tiles and PNG segments
 PNG_LEVEL = 6  # zlib level for PNG IDAT
 PNG_IDAT_BYTES = 1 << 20  # flush compressed data in IDAT chunks of about this size
+PNG_SEGMENT_BYTES = 4 << 20  # filtered bytes per independently deflated PNG segment
+DEFLATE_WINDOW = 32768  # deflate's window: the dictionary each PNG segment is primed with
 JPEG_QUALITY = 95
 TAG_PARAMETERS = 65000  # private TIFF tag: `parameters` text, UTF-8
 TAG_IMAGEGEN = 65001  # private TIFF tag: `imagegen` JSON, UTF-8
 
 
-def _tiles(strips: Iterable[np.ndarray], width: int, height: int, channels: int) -> Iterator[np.ndarray]:
-    """Regroup full-width strips into TIFF_TILE x TIFF_TILE tiles, row-major, zero-padded."""
-    t = TIFF_TILE
-    buf = np.zeros((t, width, channels), np.uint8)
+def _row_blocks(strips: Iterable[np.ndarray], rows: int, counted: list[int]) -> Iterator[np.ndarray]:
+    """Regroup strips into blocks of `rows` rows (the last one may be shorter), each a new
+    array; `counted[0]` adds up the rows received."""
+    buf: np.ndarray | None = None
     filled = 0
-    rows_seen = 0
-
-    def flush(n: int) -> Iterator[np.ndarray]:
-        if n < t:
-            buf[n:] = 0
-        for x in range(0, width, t):
-            tile = buf[:, x : x + t]
-            if tile.shape[1] < t:
-                padded = np.zeros((t, t, channels), np.uint8)
-                padded[:, : tile.shape[1]] = tile
-                tile = padded
-            yield np.ascontiguousarray(tile)
-
     for strip in strips:
-        rows_seen += strip.shape[0]
+        counted[0] += strip.shape[0]
+        if buf is None:
+            buf = np.empty((rows, *strip.shape[1:]), np.uint8)
         pos = 0
         while pos < strip.shape[0]:
-            n = min(t - filled, strip.shape[0] - pos)
+            n = min(rows - filled, strip.shape[0] - pos)
             buf[filled : filled + n] = strip[pos : pos + n]
             filled += n
             pos += n
-            if filled == t:
-                yield from flush(t)
+            if filled == rows:
+                yield buf.copy()
                 filled = 0
-    if filled:
-        yield from flush(filled)
-    if rows_seen != height:
-        raise ValueError(f"strips gave {rows_seen} rows, expected {height}")
+    if filled and buf is not None:
+        yield buf[:filled].copy()
+
+
+def _tiles(strips: Iterable[np.ndarray], width: int, height: int, channels: int) -> Iterator[np.ndarray]:
+    """Regroup full-width strips into TIFF_TILE x TIFF_TILE tiles, row-major, zero-padded."""
+    t = TIFF_TILE
+    rows_seen = [0]
+    for band in _row_blocks(strips, t, rows_seen):
+        padded = np.zeros((t, -(-width // t) * t, channels), np.uint8)
+        padded[: band.shape[0], :width] = band
+        for x in range(0, width, t):
+            yield np.ascontiguousarray(padded[:, x : x + t])
+    if rows_seen[0] != height:
+        raise ValueError(f"strips gave {rows_seen[0]} rows, expected {height}")
 
 
 def _encode_tile(tile: np.ndarray, level: int) -> bytes:
@@ -85,31 +86,13 @@ def _encode_tile(tile: np.ndarray, level: int) -> bytes:
     return zlib.compress(diff, level)
 
 
-def pipelined(items: Iterable[T], fn: Callable[[T], R], *, workers: int, depth: int) -> Iterator[R]:
-    """`map(fn, items)` in order, with up to `depth` calls running in `workers` threads.
-
-    The producer of `items` (the model) keeps running in the calling thread while earlier items
-    are encoded, so the encoding overlaps the model (zlib releases the GIL).
-    """
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        queue: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                queue.append(pool.submit(fn, item))
-                while len(queue) >= depth or (queue and queue[0].done()):
-                    yield queue.popleft().result()
-            while queue:
-                yield queue.popleft().result()
-        finally:
-            for fut in queue:
-                fut.cancel()
-
-
 def write_tiff(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int, channels: int,
-               parameters: str | None, imagegen: dict | None, *, level: int = TIFF_LEVEL) -> None:
+               parameters: str | None, imagegen: dict | None, *, level: int = TIFF_LEVEL,
+               workers: int = ENCODE_THREADS) -> None:
     """Tiled Deflate BigTIFF from strips (see the module doc for where metadata goes).
 
-    Tiles are compressed in `ENCODE_THREADS` threads while the strips are still being made.
+    Tiles are compressed in `workers` threads while the strips are still being made (0: in
+    the calling thread; the file is the same).
     """
     import tifffile
 
@@ -123,8 +106,8 @@ def write_tiff(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: in
     encoded = pipelined(
         _tiles(strips, width, height, channels),
         lambda tile: _encode_tile(tile, level),
-        workers=ENCODE_THREADS,
-        depth=max(2 * ENCODE_THREADS, 2 * tiles_per_row),
+        workers=workers,
+        depth=max(2 * workers, 2 * tiles_per_row),
     )
     tifffile.imwrite(
         f,
@@ -161,9 +144,66 @@ def _paeth(rows: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
     return out
 
 
+def adler32_combine(first: int, second: int, second_len: int) -> int:
+    """Adler-32 of A + B from adler32(A), adler32(B) and len(B) (both sums are mod 65521:
+    A's low sum is B's starting value, and every byte of B adds it once more to the high sum)."""
+    mod = 65521
+    a1, b1 = first & 0xFFFF, first >> 16
+    a2, b2 = second & 0xFFFF, second >> 16
+    a = (a1 + a2 - 1) % mod
+    b = (b1 + b2 + second_len * (a1 - 1)) % mod
+    return (b << 16) | a
+
+
+def _zlib_header(level: int) -> bytes:
+    """The two-byte zlib header zlib itself writes for `level` (32 KiB window, deflate)."""
+    flevel = 0 if level in (0, 1) else 1 if level < 6 else 2 if level in (6, -1) else 3
+    head = (0x78 << 8) | (flevel << 6)
+    return struct.pack(">H", head + 31 - head % 31)
+
+
+def _png_segments(strips: Iterable[np.ndarray], width: int, channels: int,
+                  counted: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Regroup full-width strips into (rows, context) segments of a fixed number of rows (from
+    the width only). `context` is None for the first segment, else the raw rows just before
+    it: enough for the last `DEFLATE_WINDOW` filtered bytes, plus the row above those."""
+    row_bytes = width * channels
+    seg_rows = max(1, PNG_SEGMENT_BYTES // row_bytes)
+    ctx_rows = -(-DEFLATE_WINDOW // (row_bytes + 1)) + 1
+    flat = (strip.reshape(strip.shape[0], row_bytes) for strip in strips)
+    context: np.ndarray | None = None
+    for rows in _row_blocks(flat, seg_rows, counted):
+        yield rows, context
+        context = rows[-ctx_rows:] if context is None or len(rows) >= ctx_rows else \
+            np.concatenate([context, rows])[-ctx_rows:]
+
+
+def _deflate_segment(rows: np.ndarray, context: np.ndarray | None, level: int, channels: int) -> tuple[bytes, int, int]:
+    """Paeth-filter and raw-deflate one segment: (deflate bytes ending in a sync flush,
+    Adler-32 and length of its filtered bytes). The window is primed with the filtered bytes
+    before the segment, recomputed from `context`, so back-references may reach into them (a
+    dictionary that is only a suffix of the data before, near the top, is still exact)."""
+    zdict = b""
+    if context is None:
+        prev = np.zeros(rows.shape[1], np.uint8)
+    else:
+        prev = context[-1]
+        if len(context) > 1:  # the context rows filtered again (the row above them is the first)
+            zdict = _paeth(context[1:], context[0], channels).tobytes()[-DEFLATE_WINDOW:]
+    data = _paeth(rows, prev, channels)
+    comp = zlib.compressobj(level, zlib.DEFLATED, -15, **({"zdict": zdict} if zdict else {}))
+    out = comp.compress(data) + comp.flush(zlib.Z_SYNC_FLUSH)
+    return out, zlib.adler32(data), data.size
+
+
 def write_png(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int, channels: int,
-              parameters: str | None, imagegen: dict | None, *, level: int = PNG_LEVEL) -> None:
-    """8-bit RGB/RGBA PNG streamed from strips, text chunks before the image data."""
+              parameters: str | None, imagegen: dict | None, *, level: int = PNG_LEVEL,
+              workers: int = ENCODE_THREADS) -> None:
+    """8-bit RGB/RGBA PNG streamed from strips, text chunks before the image data.
+
+    Segments are filtered and deflated in `workers` threads (0: in the calling thread; the
+    file is the same, see the module doc).
+    """
     f.write(b"\x89PNG\r\n\x1a\n")
     color_type = {3: 2, 4: 6}[channels]
     f.write(png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)))
@@ -171,38 +211,32 @@ def write_png(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int
         f.write(png_text_chunk("parameters", parameters))
     if imagegen is not None:
         f.write(png_text_chunk("imagegen", strict_json(imagegen)))
-    comp = zlib.compressobj(level)
-    pending = bytearray()
-    rows_seen = 0
-
-    def with_prev(strips: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        nonlocal rows_seen
-        prev = np.zeros(width * channels, np.uint8)
-        for strip in strips:
-            flat = strip.reshape(strip.shape[0], width * channels)
-            yield flat, prev
-            prev = flat[-1].copy()
-            rows_seen += strip.shape[0]
-
-    # One worker: the zlib stream is sequential, but it runs while the next strip is computed.
-    for data in pipelined(
-        with_prev(strips), lambda fp: comp.compress(_paeth(fp[0], fp[1], channels)), workers=1, depth=2
+    pending = bytearray(_zlib_header(level))
+    adler = 1
+    rows_seen = [0]
+    segments = _png_segments(strips, width, channels, rows_seen)
+    for data, seg_adler, seg_len in pipelined(
+        segments, lambda seg: _deflate_segment(seg[0], seg[1], level, channels), workers=workers, depth=2 * workers
     ):
+        adler = adler32_combine(adler, seg_adler, seg_len)
         pending += data
         while len(pending) >= PNG_IDAT_BYTES:
             f.write(png_chunk(b"IDAT", bytes(pending[:PNG_IDAT_BYTES])))
             del pending[:PNG_IDAT_BYTES]
-    pending += comp.flush()
-    if rows_seen != height:
-        raise ValueError(f"strips gave {rows_seen} rows, expected {height}")
+    if rows_seen[0] != height:
+        raise ValueError(f"strips gave {rows_seen[0]} rows, expected {height}")
+    pending += zlib.compressobj(level, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)  # an empty final block
+    pending += struct.pack(">I", adler)
     for i in range(0, len(pending), PNG_IDAT_BYTES):
         f.write(png_chunk(b"IDAT", bytes(pending[i : i + PNG_IDAT_BYTES])))
     f.write(png_chunk(b"IEND", b""))
 
 
 def write_jpeg(f: BinaryIO, strips: Iterable[np.ndarray], width: int, height: int, channels: int,
-               parameters: str | None, imagegen: dict | None, *, quality: int = JPEG_QUALITY) -> None:
-    """Baseline JPEG via Pillow (the whole image as one uint8 Pillow image, RGB only).
+               parameters: str | None, imagegen: dict | None, *, quality: int = JPEG_QUALITY,
+               workers: int = 0) -> None:
+    """Baseline JPEG via Pillow (the whole image as one uint8 Pillow image, RGB only; `workers`
+    is unused: Pillow encodes in one call).
 
     Raises `InputError` for an alpha channel or a side over 65500.
     """
