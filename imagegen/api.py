@@ -70,7 +70,7 @@ def render(
     until: str | None = None,
     max_hours: float | None = None,
     max_kwh: float | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> RenderSummary:
     """Render the recipe's pending jobs into its run folder (`output`, default `recipe.output`),
     resuming what an earlier run left, then write the contact sheets (unless `sheets=False`).
@@ -80,7 +80,8 @@ def render(
     `should_stop()` returning a reason stops after the current batch (the images already
     generated are still written). `until` ("07:00"), `max_hours` and `max_kwh` stop the render
     before a batch would pass them (`summary.budget_reached` says why); `compile` runs the UNet
-    and VAE decoder through torch.compile. Raises RunLockedError when another process renders into the
+    and VAE decoder through torch.compile (None: the recipe's `render.compile`, else the defaults
+    file's, else not). Raises RunLockedError when another process renders into the
     folder (unless `wait`), InputError / ModelError for unusable settings or model files,
     DiskFullError when the disk fills (finished images are kept). A folder that is not empty and
     not a run, or a run of another recipe name (unless `adopt`), is refused with InputError.

@@ -68,3 +68,14 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "imagegen"
+
+
+def defaults_file() -> Path:
+    """The user's defaults file (machine settings that are not part of any recipe, e.g.
+    `render.compile`): `$IMAGEGEN_DEFAULTS`, else `$XDG_CONFIG_HOME/imagegen/defaults.yaml`, else
+    `~/.config/imagegen/defaults.yaml`. It need not exist. Never raises."""
+    env = os.environ.get("IMAGEGEN_DEFAULTS")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".config") / "imagegen" / "defaults.yaml"

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "hires_upscaler": "latent",  # A1111's default hires upscaler (bilinear on the latents)
     "hires_denoise": 0.7,  # A1111's default hires denoising strength
     "hires_keep_first": False,  # the first pass's image is not written
+    "render_compile": False,  # `render.compile`: eager PyTorch unless the recipe, the defaults file or --compile says so
 }
 
 SCHEMA: dict[str, Any] = {
@@ -74,6 +75,7 @@ SCHEMA: dict[str, Any] = {
     "hires": {"scale": None, "width": None, "height": None, "upscaler": None, "denoise": None, "steps": None,
               "scheduler": None, "keep_first": None},
     "max_jobs": None,
+    "render": {"compile": None},
     **{k: None for k in recipe_prompts.SCHEMA_KEYS},  # prompt_syntax, emphasis, embeddings, lora_dir
     **{k: None for k in recipe_inputs.SCHEMA_KEYS},  # init_image, denoise, mask, mask_blur, keep_unmasked
     "controlnet": recipe_inputs.CONTROLNET_SCHEMA,
@@ -132,6 +134,14 @@ class UpscaleSettings:
     height: int | None = None
     format: str = DEFAULTS["upscale_format"]
     tile: int | None = None
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """The `render:` section (of a recipe or of the defaults file): how a render runs, never
+    what it makes. None = not set here (the next source decides)."""
+
+    compile: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,7 @@ class Recipe:
     lora_dir: str | None = None  # where `<lora:name:w>` tags find `name.safetensors`
     inputs: recipe_inputs.InputsSpec = recipe_inputs.InputsSpec()  # init_image, mask, controlnet (recipe_inputs.py)
     inpainting: bool = False  # the checkpoint is an inpainting model (9-channel UNet): img2img/inpaint jobs only
+    render: RenderSettings = field(default_factory=lambda: RenderSettings())  # how to render, not what: never in a job's id
 
 
 # --- YAML with positions --------------------------------------------------------------------
@@ -841,6 +852,67 @@ def _upscale(doc: _Doc, data: dict, base: Path) -> UpscaleSettings:
     return UpscaleSettings(model, float(scale) if scale is not None else None, sides["width"], sides["height"], fmt, tile)
 
 
+def _render_section(doc: _Doc, data: dict) -> RenderSettings:
+    """The `render:` section: `compile` (true/false)."""
+    raw = data.get("render")
+    if raw is None:
+        return RenderSettings()
+    if not isinstance(raw, dict):
+        doc.problem(("render",), f"`render` must be a mapping (compile: true|false), got {_show(raw)}")
+        return RenderSettings()
+    value = raw.get("compile")
+    if value is not None and not isinstance(value, bool):
+        doc.problem(("render", "compile"), f"`render.compile` must be true or false, got {_show(value)}")
+        value = None
+    return RenderSettings(compile=value)
+
+
+DEFAULTS_FILE_SCHEMA: dict[str, Any] = {"render": SCHEMA["render"]}
+
+
+def load_defaults_file(path: str | Path | None = None) -> RenderSettings:
+    """The `render:` settings of the defaults file (`defaults.defaults_file()` unless `path`);
+    all unset when there is no such file. Raises RecipeError (`path:line:col: message`) for a
+    file that is not valid YAML, not a mapping, or holds an unknown key or a bad value."""
+    from imagegen.defaults import defaults_file
+
+    path = Path(path) if path is not None else defaults_file()
+    shown = str(path)
+    try:
+        if not path.exists():
+            return RenderSettings()
+        if not path.is_file():
+            raise RecipeError([f"{shown}: the defaults file is not a regular file"])
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{shown}: not UTF-8 text (byte {exc.start})"]) from None
+    except OSError as exc:
+        raise RecipeError([f"{shown}: cannot read the defaults file: {exc.strerror}"]) from None
+    doc = _Doc(shown)
+    try:
+        node = _compose(text, shown)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
+        raise RecipeError([f"{where}: YAML syntax error: {' '.join(str(x) for x in (exc.context, exc.problem) if x)}"]) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{shown}: YAML error: {' '.join(str(exc).split())}"]) from None
+    if node is None:
+        return RenderSettings()
+    try:
+        data = doc.build(node)
+    except _TooManyValues:
+        raise RecipeError([f"{shown}: the defaults file holds more than {MAX_YAML_VALUES} values"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError([f"{shown}:1:1: the defaults file must be a mapping (render: {{compile: true}}), "
+                           f"got {type(data).__name__}"])
+    _check_keys(doc, data, DEFAULTS_FILE_SCHEMA, ())
+    settings = _render_section(doc, data)
+    if doc.problems:
+        raise RecipeError(doc.problems)
+    return settings
+
+
 def _hires(doc: _Doc, data: dict, base: Path, sizes: tuple, steps: tuple) -> HiresSpec | None:
     """The `hires:` section: a second, img2img pass at a larger size (A1111's Hires. fix)."""
     if "hires" not in data:
@@ -1111,6 +1183,7 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
     if hires is not None and inpainting:
         doc.problem(("hires",), "`hires` needs a base checkpoint: the second pass is img2img, which an inpainting model "
                                 "(9-channel UNet) cannot run", key=True)
+    render = _render_section(doc, data)
     if doc.problems:
         raise RecipeError(doc.problems)
     recipe = Recipe(
@@ -1145,6 +1218,7 @@ def _validate(doc: _Doc, data: dict, path: Path, text: str, allow_download: bool
         lora_dir=prompt_cfg.lora_dir,
         inputs=inputs,
         inpainting=inpainting,
+        render=render,
     )
     _check_job_count(doc, data, recipe)
     return recipe

@@ -11,8 +11,9 @@ import pytest
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     """Built-in tiny models are built once per test session into a private cache folder."""
     cache = os.environ.get("IMAGEGEN_TEST_CACHE") or str(tmp_path_factory.mktemp("imagegen-cache"))
-    old = {k: os.environ.get(k) for k in ("IMAGEGEN_CACHE", "HF_HUB_OFFLINE", "HF_HOME")}
+    old = {k: os.environ.get(k) for k in ("IMAGEGEN_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "IMAGEGEN_DEFAULTS")}
     os.environ["IMAGEGEN_CACHE"] = cache
+    os.environ["IMAGEGEN_DEFAULTS"] = os.path.join(cache, "no-defaults.yaml")  # never the developer's own file
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HOME"] = os.path.join(cache, "hf-home-unused")
     yield cache

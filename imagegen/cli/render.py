@@ -239,8 +239,10 @@ def render(
     max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="H", help="Stop before a batch would pass H hours."),
     max_kwh: Optional[float] = typer.Option(None, "--max-kwh", metavar="E",
                                             help="Stop before a batch would pass E kWh (measured; needs an energy counter)."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet and VAE decoder (faster on GPUs after a "
-                                  "one-off compile per batch shape)."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile the UNet and VAE decoder (faster on GPUs after a one-off "
+                                                 "compile per batch shape). Default: `render.compile` of the recipe, "
+                                                 "else of the defaults file, else off."),
 ) -> None:
     """Render recipes into their run folders; resumable, one GPU run per folder at a time."""
     from imagegen.recipe import load_recipe
@@ -265,7 +267,7 @@ def render(
     resume_cmd = "imagegen " + shlex.join(["render", *map(str, recipes), *_resume_options(
         device=device, dtype=dtype, batch_size=batch_size, retry_failed=retry_failed, wait=wait, fail_fast=fail_fast,
         as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt, verify=verify, workers=workers, gpus=gpus, until=until, max_hours=max_hours,
-        max_kwh=max_kwh, compile=compile_)])
+        max_kwh=max_kwh, compile=compile_ is True, no_compile=compile_ is False)])
     invalid = 0
     failed_jobs = 0
     with StopFlag() as stop, _aborted_says_how_to_resume(resume_cmd):

@@ -71,15 +71,17 @@ class Batches:
             batch.append(self.queue.popleft())
         return batch
 
-    def out_of_memory(self, batch: list[Job]) -> bool:
-        """Apply the OOM policy to `batch`: True when its size's batch size was halved and the
-        batch queued again; False for a batch of one job (the caller fails it)."""
-        if len(batch) == 1:
+    def out_of_memory(self, batch: list[Job], ran: int | None = None) -> bool:
+        """Apply the OOM policy to `batch`, which ran as `ran` images (default: its jobs; more
+        when a compiled engine padded it): True when its size's batch size was halved and the
+        batch queued again; False when it ran as one image (the caller fails it)."""
+        ran = ran or len(batch)
+        if ran == 1:
             return False
         key = memory_key(batch[0])
         if key in self._grown:
             self._fixed.add(key)
-        self._sizes[key] = self.batch_size = max(1, len(batch) // 2)
+        self._sizes[key] = self.batch_size = max(1, ran // 2)
         self._good[key] = 0
         self.queue.extendleft(reversed(batch))
         return True

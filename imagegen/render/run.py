@@ -36,7 +36,7 @@ class RenderOptions:
     refresh_every: float = 600.0  # seconds between `on_refresh` calls during a long render
     wait_device: bool = False  # wait for another imagegen rendering on the same GPU instead of refusing
     budget: Budget | None = None  # stop before the next batch would pass it (render/budget.py)
-    compile: bool = False  # torch.compile the UNet and VAE decoder (Engine.compile)
+    compile: bool | None = None  # torch.compile the UNet and VAE decoder (Engine.compile); None: `render.compile` of the recipe, else of the defaults file
     verify: bool = False  # before rendering, compare every done image with its sha256; render damaged ones again
 
 
@@ -100,6 +100,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
             pass  # a full disk must not hide the real event
         on_event(event)
 
+    compile_ = compile_wanted(recipe, opts)  # a bad defaults file stops here, before the run folder is touched
     # 1. Plan, and make the run folder agree with it.
     run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit, verify=opts.verify)
     summary = RenderSummary(recipe.name, str(store.folder), len(run.jobs), already_done=run.start_event["done"], left=run.left)
@@ -120,7 +121,7 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
     photos = PhotoCache()
     with stoppable(should_stop):  # hashing multi-GB files honours SIGINT/SIGTERM (StoppedError)
         engine, hashes = _load(recipe, run.pending, opts, emit, open_engine, hold)
-    if opts.compile:
+    if compile_:
         engine.compile()
     meter = meter_for(engine.device)  # joules around each batch, or "not measured"
     rates = RateLog(engine.device)  # what each size took, for `plan` estimates of later runs
@@ -244,6 +245,19 @@ def _render(recipe: Recipe, store: RunStore, opts: RenderOptions, on_event: Call
     return summary
 
 
+def compile_wanted(recipe: Recipe, opts: RenderOptions) -> bool:
+    """Whether to compile: `--compile`/`--no-compile` (`opts.compile`), else the recipe's
+    `render.compile`, else the defaults file's, else not. Raises RecipeError for a bad defaults file."""
+    if opts.compile is not None:
+        return opts.compile
+    if recipe.render.compile is not None:
+        return recipe.render.compile
+    from imagegen.recipe import DEFAULTS, load_defaults_file
+
+    from_file = load_defaults_file().compile
+    return bool(DEFAULTS["render_compile"] if from_file is None else from_file)
+
+
 def _switch_loras(engine: Any, batch: list[Job], held: list[tuple]) -> bool:
     """Fuse the batch's LoRA set; False (with the batch's jobs in `held` as failed) when the
     device fails while fusing. ModelError and sticky device errors propagate."""
@@ -313,11 +327,16 @@ def _render_batch(batch: list[Job], recipe: Recipe, engine: Any, hashes: dict[st
     from imagegen.energy import Span
     from imagegen.render.writer import energy_record
 
+    # A compiled engine runs every batch of a size through the kernels of one batch shape: a
+    # short last batch of a group is padded with copies of its last request, whose images are
+    # dropped (each image comes from its own seed, so the real ones do not change).
+    pad = batches.size_for(batch[0]) - len(batch) if getattr(engine, "compiled", False) else 0
+    requests += [requests[-1]] * max(0, pad)
     span = Span(meter).start()
     try:
-        results = engine.generate(requests)
+        results = engine.generate(requests)[: len(batch)]
     except EngineOOM:
-        if batches.out_of_memory(batch):
+        if batches.out_of_memory(batch, len(requests)):
             emit({"event": "oom", "batch_size": batches.batch_size, "size": f"{batch[0].width}x{batch[0].height}",
                   "message": f"out of memory: batch size at {batch[0].width}x{batch[0].height} halved to {batches.batch_size}"})
         else:

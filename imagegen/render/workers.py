@@ -32,7 +32,7 @@ from typing import Any, Callable
 from imagegen.errors import ImagegenError, InputError, disk_full, is_disk_full
 from imagegen.recipe import Recipe
 from imagegen.render.prepare import prepare_run
-from imagegen.render.run import Event, RenderOptions, RenderSummary, _summary_event
+from imagegen.render.run import Event, RenderOptions, RenderSummary, _summary_event, compile_wanted
 from imagegen.store import RunStore
 
 LEASE_SECONDS = 60.0  # a claim a worker stops renewing is handed out again after this long
@@ -126,6 +126,9 @@ def render_with_workers(
     the first worker's ImagegenError when every worker stopped on it with jobs left, and
     ImagegenError when every worker died with jobs left."""
     opts = options or RenderOptions()
+    if compile_wanted(recipe, opts):  # never silently eager: workers do not compile yet
+        raise InputError("`render.compile` (the recipe or the defaults file) works with a single-process render; "
+                         "not with `--workers`/`--gpus` yet: pass --no-compile to render eager with workers")
     started = time.monotonic()
 
     def emit(event: Event) -> None:
