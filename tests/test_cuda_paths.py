@@ -141,7 +141,7 @@ class _OomOnce:
 def test_upscaler_oom_retry_runs_outside_the_except_block(tmp_path):
     from test_upscale import compact, run, save, smooth_image
     from imagegen.upscale import load_upscaler
-    from imagegen.upscale.tiling import TileConfig, Tiler
+    from imagegen.upscale.tiling import TileConfig, Tiler, layout
 
     up = load_upscaler(save(compact(nconv=2, seed=9), tmp_path / "m.pth", "compact"), device="cpu")
     img = smooth_image(60, 50, seed=10)
@@ -149,7 +149,8 @@ def test_upscaler_oom_retry_runs_outside_the_except_block(tmp_path):
     tiler = Tiler(wrapped)
     out = np.concatenate(list(tiler.strips(img, TileConfig(tile=32, overlap=8, margin=2, batch=2))))
     assert wrapped.failed and not any(inside for _, inside in wrapped.calls)
-    assert all(shape[-1] == 32 for shape, _ in wrapped.calls)  # one OOM halves the batch, not the tiles
+    tile_w = layout(60, 32, 8)[0]  # 60 px split evenly into tiles of at most 32
+    assert all(shape[-1] == tile_w for shape, _ in wrapped.calls)  # one OOM halves the batch, not the tiles
     assert tiler.batch_cap == 1
     ref = run(up, img, 32)
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
