@@ -109,7 +109,9 @@ class Engine:
         self._base_scheduler_config = dict(pipeline.scheduler.config)
         self._loras: tuple[tuple[str, float], ...] = ()
         self._lora_stamps: tuple = ()  # (size, mtime) of each fused file: a rewritten file is reloaded
-        self._backup: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._backup: dict[tuple[str, str], tuple[Any, Any]] = {}  # original weights of LoRA targets, kept across switches
+        self._touched: set[tuple[str, str]] = set()  # the targets the current LoRA set changed
+        self._qkv: dict[str, tuple[dict, dict]] | None = None  # fused QKV: component -> (plain, fused) processors
         self._prompt_cache: dict[tuple, tuple] = {}
         self.compiled = False  # torch.compile'd UNet and VAE decoder (see `compile`)
         self._text_state = None  # textual-inversion embeddings (engine/text.py TextState)
@@ -160,12 +162,14 @@ class Engine:
         """torch.compile the UNet and the VAE decoder in place, with static shapes and
         channels_last memory. The first batch of each shape pays for compiling. LoRA sets are
         then fused and their adapters unloaded (the module structure never changes, so
-        switching sets does not recompile; the exact weight backup restores the originals)."""
+        switching sets does not recompile; the exact weight backup restores the originals). The
+        attention projections are fused first (`fuse_qkv`)."""
         import torch
 
         if self.compiled:
             return
         pipe = self.pipeline
+        self.fuse_qkv()
         # Parameters are guarded on requires_grad, which peft turns off when it loads a LoRA:
         # off from the start, so loading one never invalidates the graphs.
         pipe.unet.requires_grad_(False).to(memory_format=torch.channels_last)
@@ -175,6 +179,52 @@ class Engine:
             vae.requires_grad_(False).to(memory_format=torch.channels_last)
             vae.decoder.compile(dynamic=False)
         self.compiled = True
+
+    def fuse_qkv(self) -> None:
+        """Fuse each attention's query/key/value projections into one matrix (key/value for
+        cross-attention): diffusers' `fuse_qkv_projections`, on the UNet and on an AutoencoderKL
+        VAE. `compile` calls it; it also works eager. LoRA switches undo it around the load and
+        fuse (the plain projections get the LoRA) and then copy the new weights into the same
+        fused matrices, with the same processor objects, so compiled graphs stay valid."""
+        if self._qkv is not None:
+            return
+        import diffusers
+
+        pipe = self.pipeline
+        parts = [("unet", pipe.unet)]
+        vae = getattr(pipe, "vae", None)
+        if isinstance(vae, diffusers.AutoencoderKL):
+            parts.append(("vae", vae))
+        fused: dict[str, tuple[dict, dict]] = {}
+        for name, model in parts:
+            plain = dict(model.attn_processors)
+            if any("Added" in type(proc).__name__ for proc in plain.values()):
+                continue  # diffusers refuses added KV projections: leave that model as it is
+            model.fuse_qkv_projections()
+            fused[name] = (plain, dict(model.attn_processors))
+        self._qkv = fused
+
+    def _qkv_processors(self, which: int) -> None:
+        """Put the plain (0) or the fused (1) attention processors back, the same objects each time."""
+        for name, procs in (self._qkv or {}).items():
+            getattr(self.pipeline, name).set_attn_processor(dict(procs[which]))  # it pops from the dict it gets
+
+    def _refresh_fused_qkv(self) -> None:
+        """Copy the UNet's current q/k/v weights (after a LoRA change) into its fused matrices, in place."""
+        if not self._qkv or "unet" not in self._qkv:
+            return
+        import torch
+        from diffusers.models.attention_processor import Attention
+
+        with torch.no_grad():
+            for module in self.pipeline.unet.modules():
+                if not isinstance(module, Attention) or not getattr(module, "fused_projections", False):
+                    continue
+                parts = ["to_k", "to_v"] if module.is_cross_attention else ["to_q", "to_k", "to_v"]
+                target = module.to_kv if module.is_cross_attention else module.to_qkv
+                target.weight.copy_(torch.cat([getattr(module, p).weight for p in parts]))
+                if target.bias is not None:
+                    target.bias.copy_(torch.cat([getattr(module, p).bias for p in parts]))
 
     # -- schedulers --------------------------------------------------------------------------
 
@@ -225,6 +275,14 @@ class Engine:
         for path, _ in want:
             check_lora(path, self.family)
         stamps = _file_stamps(want)
+        self._qkv_processors(0)  # plain projections while LoRAs load and fuse into them
+        try:
+            self._switch_loras(want, stamps)
+        finally:
+            self._refresh_fused_qkv()
+            self._qkv_processors(1)
+
+    def _switch_loras(self, want: tuple[tuple[str, float], ...], stamps: tuple) -> None:
         self._clear_loras()
         if not want:
             return
@@ -272,11 +330,16 @@ class Engine:
                 raise ModelError(f"LoRA {path}: none of its layers match {self.model_name}")
 
     def _backup_lora_targets(self) -> None:
+        """Keep the original weights of every layer the loaded LoRAs target. The backup lives as
+        long as the engine: a layer backed up for an earlier set is not copied again."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         for comp, model in self._lora_models():
             for mname, module in model.named_modules():
-                if isinstance(module, BaseTunerLayer) and (comp, mname) not in self._backup:
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                self._touched.add((comp, mname))
+                if (comp, mname) not in self._backup:
                     base = module.get_base_layer()
                     w = base.weight.detach().to("cpu", copy=True)
                     b = None if getattr(base, "bias", None) is None else base.bias.detach().to("cpu", copy=True)
@@ -286,19 +349,20 @@ class Engine:
         import torch
 
         pipe = self.pipeline
-        if self._loras or self._backup or getattr(pipe, "_merged_adapters", None):
+        if self._loras or self._touched or getattr(pipe, "_merged_adapters", None):
             comps = [n for n, _ in self._lora_models()]
             if getattr(pipe, "_merged_adapters", None) and not self.compiled:  # compiled: adapters already unloaded
                 pipe.unfuse_lora(components=comps)
             pipe.unload_lora_weights()
             models = dict(self._lora_models())
             with torch.no_grad():
-                for (comp, mname), (w, b) in self._backup.items():
-                    mod = models[comp].get_submodule(mname)
+                for key in self._touched:
+                    w, b = self._backup[key]
+                    mod = models[key[0]].get_submodule(key[1])
                     mod.weight.copy_(w)
                     if b is not None:
                         mod.bias.copy_(b)
-        self._backup = {}
+        self._touched = set()
         self._loras = ()
         self._lora_stamps = ()
         self._prompt_cache = {}
