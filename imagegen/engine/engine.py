@@ -20,6 +20,7 @@ from .device_errors import EngineDeviceError, EngineOOM, classify, free_device_m
 from .hires import HiresRequest
 from .controlnet import ControlRequest
 from .photo import InitRequest
+from .vae_decode import DecodePlan, apply_plan, decoding, plan_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -118,6 +119,7 @@ class Engine:
         self._img2img: Any = None  # the img2img pipeline over the same components (hires pass, input photos)
         self._inpaint: Any = None  # the inpainting pipeline over the same components (9-channel UNets)
         self._hires_upscalers: dict[str, Any] = {}  # Real-ESRGAN weight file -> loaded Upscaler
+        self._decode_plan: DecodePlan | None = None  # the VAE decode's dtype and slicing (engine/vae_decode.py)
 
     # -- the hires pass's pipelines ------------------------------------------------------------
 
@@ -156,6 +158,18 @@ class Engine:
             up = self._hires_upscalers[path] = load_upscaler(path, device=self.device)
         return up
 
+    def decode_plan(self) -> DecodePlan:
+        """How the VAE decodes (dtype, slices) on this device: chosen and applied once
+        (engine/vae_decode.py; CPU: as loaded)."""
+        if self._decode_plan is None:
+            self.set_decode_plan(plan_for(self.pipeline, self.device, self.family))
+        return self._decode_plan  # type: ignore[return-value]
+
+    def set_decode_plan(self, plan: DecodePlan) -> None:
+        """Decode as `plan` says from now on (the VAE converted once)."""
+        apply_plan(getattr(self.pipeline, "vae", None), plan)
+        self._decode_plan = plan
+
     # -- compilation --------------------------------------------------------------------------
 
     def compile(self) -> None:
@@ -169,6 +183,7 @@ class Engine:
         if self.compiled:
             return
         pipe = self.pipeline
+        self.decode_plan()  # the VAE in its decode dtype before its decoder is compiled
         self.fuse_qkv()
         # Parameters are guarded on requires_grad, which peft turns off when it loads a LoRA:
         # off from the start, so loading one never invalidates the graphs.
@@ -529,7 +544,8 @@ class Engine:
             generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
 
             # 5. Denoise and decode (a decode out of memory is retried alone, one image at a time).
-            with torch.no_grad(), warnings.catch_warnings(), decode_in_slices_on_oom(getattr(pipe, "vae", None)):
+            with torch.no_grad(), warnings.catch_warnings(), decode_in_slices_on_oom(getattr(pipe, "vae", None)), \
+                    decoding(getattr(pipe, "vae", None), self.decode_plan()):
                 warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
                 warnings.filterwarnings("ignore", message="Should have t.*>=t0")  # torchsde float rounding, harmless
                 output_type = hires.first_output_type(first.hires) if first.hires else "np"
