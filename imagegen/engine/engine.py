@@ -572,7 +572,8 @@ class Engine:
                 raise
         if failure is not None:  # outside the except block, so the failed activations can be freed
             vae = getattr(pipe, "vae", None)
-            if vae is not None and vae.dtype != pipe.unet.dtype:  # failed inside SDXL's fp32 VAE upcast
+            own = self.decode_plan().dtype is not None  # the VAE keeps a dtype of its own (engine/vae_decode.py)
+            if vae is not None and not own and vae.dtype != pipe.unet.dtype:  # failed inside SDXL's fp32 VAE upcast
                 vae.to(dtype=pipe.unet.dtype)
             free_device_memory()
             raise failure
