@@ -502,11 +502,9 @@ class Engine:
         out of memory (cuBLAS/cuDNN allocation failures included), EngineDeviceError for a sticky
         CUDA error. An image with NaN values comes back with `error` set, not as an exception.
         """
-        import numpy as np
         import torch
-        from PIL import Image
 
-        from . import hires, photo
+        from . import hires, photo, tail
 
         # 1. Check inputs: one size / steps / guidance / scheduler per batch.
         first = self._check(requests)
@@ -558,7 +556,7 @@ class Engine:
                         num_inference_steps=first.steps,
                         guidance_scale=first.guidance,
                         generator=generators,
-                        output_type=output_type,
+                        output_type="pt" if output_type == "np" else output_type,  # pt: 8 bits on the device (engine/tail.py)
                         **kwargs,
                     ).images
                 images, firsts = firsts_out, None
@@ -578,17 +576,15 @@ class Engine:
             free_device_memory()
             raise failure
 
-        # 7. NaN check and 8-bit RGB, rounded as diffusers rounds its PIL output; with
-        #    `keep_unmasked`, the photo pasted back outside the mask.
-        results = []
-        for i, arr in enumerate(images):
-            if not np.isfinite(arr).all():
-                results.append(GenResult(None, "NaN in output"))
-                continue
-            init = requests[i].init
-            kept = photo.paste_back(Image.fromarray(firsts[i]), init, hires=False) if firsts is not None else None
-            image = Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB")
-            results.append(GenResult(photo.paste_back(image, init, hires=first.hires is not None), first=kept))
+        # 7. NaN check and 8-bit RGB, rounded as diffusers rounds its PIL output (on the device
+        #    for a tensor batch; engine/tail.py); with `keep_unmasked`, the photo pasted back
+        #    outside the mask.
+        results = tail.results(images, firsts, GenResult)
+        for r, res in zip(requests, results):
+            if res.image is not None:
+                res.image = photo.paste_back(res.image, r.init, hires=first.hires is not None)
+            if res.first is not None:
+                res.first = photo.paste_back(res.first, r.init, hires=False)
         return results
 
 
