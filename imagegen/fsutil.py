@@ -3,17 +3,19 @@
 Bytes go to a temporary file in the same folder (named `.tmp-<name>.<pid>.<random>`), are
 flushed and fsynced, then renamed over the target, and the folder is fsynced. Anything that
 starts with `.tmp-` is ours and half-written; `remove_temp_files` clears it on the next start.
+`locked` holds an flock around a read-change-write of a shared file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import re
 import secrets
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 from imagegen.defaults import TMP_PREFIX
 
@@ -196,3 +198,25 @@ def remove_temp_files(folder: Path, name: str | None = None) -> int:
             except FileNotFoundError:
                 pass
     return removed
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path, *, required: bool = True) -> Iterator[bool]:
+    """Hold an exclusive flock on `lock_file` (created if needed; blocking) for the block, across
+    processes and threads (each call opens its own file description); yields True. When the
+    lock file cannot be created (a read-only folder) OSError is raised, or with `required=False`
+    the block runs unlocked and gets False (for data that is only advisory)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if required:
+            raise
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # releases the flock

@@ -5,7 +5,10 @@ One small JSON file in the cache (`render-history.json` under `defaults.cache_ro
 meter measured them, their joules. Each render adds what its batches took; old figures fade
 (the counts are halved past `KEEP_IMAGES`), so a new GPU driver or dtype shows through soon.
 Rates are per image of the batch sizes actually used. Torch-free; no printing. The file is
-advisory: an unreadable one is treated as empty, a failed write is ignored.
+advisory: an unreadable one is treated as empty, a failed write is ignored. Saving reads,
+merges and writes it under an flock (`render-history.json.lock`), so renders finishing at once
+in several processes (workers, two GPUs, the review server's queue) never lose each other's
+figures.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from imagegen.defaults import cache_root
-from imagegen.fsutil import write_bytes_atomic
+from imagegen.fsutil import locked, write_bytes_atomic
 
 FILE_NAME = "render-history.json"
 KEEP_IMAGES = 2000  # images per entry before older figures are halved
@@ -70,19 +73,23 @@ class RateLog:
         """Merge into the history file (atomic write). Never raises for an unwritable cache."""
         if not self._new:
             return
-        rates = _load(self.path)
-        for key, new in self._new.items():
-            old = rates.get(key, {"images": 0, "seconds": 0.0, "joules": 0.0, "joule_images": 0})
-            merged = {k: old.get(k, 0) + new[k] for k in new}
-            while merged["images"] > KEEP_IMAGES:
-                merged = {k: v / 2 for k, v in merged.items()}
-            merged["updated"] = time.time()
-            rates[key] = merged
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.path, json.dumps({"version": 1, "rates": rates}, indent=1).encode())
         except OSError:
             pass
+        with locked(self.path.with_name(self.path.name + ".lock"), required=False):
+            rates = _load(self.path)
+            for key, new in self._new.items():
+                old = rates.get(key, {"images": 0, "seconds": 0.0, "joules": 0.0, "joule_images": 0})
+                merged = {k: old.get(k, 0) + new[k] for k in new}
+                while merged["images"] > KEEP_IMAGES:
+                    merged = {k: v / 2 for k, v in merged.items()}
+                merged["updated"] = time.time()
+                rates[key] = merged
+            try:
+                write_bytes_atomic(self.path, json.dumps({"version": 1, "rates": rates}, indent=1).encode())
+            except OSError:
+                pass
         self._new = {}
 
 

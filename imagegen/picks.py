@@ -10,15 +10,13 @@ in step, and only this module calls it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from imagegen.errors import InputError
-from imagegen.fsutil import write_bytes_atomic
+from imagegen.fsutil import locked, write_bytes_atomic
 from imagegen.store import RunStore
 
 MAX_RANGE = 1_000_000  # a range longer than this is a typo, not a pick
@@ -242,12 +240,8 @@ def picks_lock(store: RunStore) -> Iterator[None]:
     """Hold RUN/.picks.lock (an flock, blocking) while picks.txt is read, changed and written, so
     that concurrent changes (`imagegen pick`, the review server, a render remapping picks) are
     never lost. The sections it guards are short: waiting is fine."""
-    fd = os.open(store.folder / PICKS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with locked(store.folder / PICKS_LOCK):
         yield
-    finally:
-        os.close(fd)
 
 
 def _update_picks(store: RunStore, args: Sequence[str], from_file: Path | None, remove: bool, clear: bool,

@@ -299,6 +299,7 @@ class JobRow:
     error: str | None
     attempts: int
     job: dict
+    joules: float | None = None  # measured energy of the image (004_energy); None = not measured
 
 
 class RunStore:
@@ -556,7 +557,8 @@ class RunStore:
                              f"repair: sqlite3 {self.folder / MANIFEST} \"DELETE FROM jobs WHERE id = '{r['id']}'\" "
                              "then render the recipe again (that job is planned and rendered again)") from None
         return JobRow(r["id"], r["idx"], r["status"], bool(r["in_plan"]), r["file"], r["sha256"], r["thumb"], r["seconds"],
-                      r["finished_at"], r["error"], r["attempts"], job)
+                      r["finished_at"], r["error"], r["attempts"], job,
+                      r["joules"] if "joules" in r.keys() else None)  # a manifest read before 004_energy has none
 
     def rows(self, *, include_orphans: bool = False, status: str | None = None) -> list[JobRow]:
         """Job rows in index order (planned jobs first)."""

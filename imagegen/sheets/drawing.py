@@ -18,7 +18,8 @@ from imagegen.defaults import MAX_SHEET_SIDE
 from imagegen.errors import InputError
 from imagegen.fsutil import write_atomic
 from imagegen.sheets.items import (
-    SHEET_NAME, SheetItem, axis_values, caption_axes, caption_for, check_axis, list_sheets, sheet_name, varying_axes,
+    SHEET_NAME, SheetItem, axis_values, caption_axes, caption_for, check_axis, energy_note, list_sheets, sheet_name,
+    varying_axes,
 )
 from imagegen.sheets.layout import (
     BAND_FONT, CAPTION_FONT, CAPTION_LINES, GAP, INDEX_FONT, LABEL_FONT, LABEL_LINES, MARGIN, ROW_LABEL_WIDTH, TEXT_FONT,
@@ -187,6 +188,9 @@ def _render_page(
     lines = list(legend)
     if indices:
         lines[0] += f" · this page: {len(indices)} images, #{min(indices)} to #{max(indices)}"
+        energy = energy_note(page_plan.items)
+        if energy:
+            lines[0] += f", {energy}"
     for line in lines:
         draw.text((MARGIN, y), _ellipsize(line, TEXT_FONT, geo.width - 2 * MARGIN), font=_font(TEXT_FONT), fill=MUTED)
         y += line_height(TEXT_FONT)

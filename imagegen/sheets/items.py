@@ -26,6 +26,18 @@ class SheetItem:
     axes: dict[str, str] = field(hash=False)  # axis name -> value label for this job
     caption: str = ""  # short caption; if empty, built from the axes that vary across items
     picked: bool = False
+    joules: float | None = None  # measured energy of the image; None = not measured
+
+
+def energy_note(items: Sequence[Any]) -> str | None:
+    """What the items' measured energy adds up to, for a page header: "1.23 Wh", with "(n of m
+    images measured)" when only some were; None when none was measured (never a guess)."""
+    measured = [it.joules for it in items if getattr(it, "joules", None) is not None]
+    if not measured:
+        return None
+    wh = sum(measured) / 3600.0
+    text = f"{wh:.3g} Wh" if wh >= 0.01 else f"{wh * 1000:.3g} mWh"
+    return text if len(measured) == len(items) else f"{text} ({len(measured)} of {len(items)} images measured)"
 
 
 # --- axes -------------------------------------------------------------------------------

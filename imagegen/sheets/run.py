@@ -38,7 +38,7 @@ def sheet_items(store: RunStore, picks: Sequence[int] | None = None) -> list[She
             index=row.index, job_id=row.id,
             thumb=store.folder / (row.thumb or f"thumbs/{thumb_name(row.index, row.id)}"),
             image=store.folder / (row.file or f"images/{image_name(row.index, row.id)}"),
-            axes=axes, picked=row.index in picked,
+            axes=axes, picked=row.index in picked, joules=row.joules,
         ))
     return items
 
