@@ -8,6 +8,10 @@ Rows:
   img/s through `Engine.generate` in batches of 8, the same jobs through a plain diffusers loop
   (one pipeline call per image with its own seeded CPU generator), and the ratio.
 - SDXL (builtin:sdxl-arch, 1024 px, 30 steps; quick: builtin:tiny-sdxl, 64 px, 6 steps): s/img.
+- compiled (`Engine.compile`: torch.compile, static shapes, channels_last, fused QKV; the
+  warm-up batch compiles): SD1.5 img/s and its ratio to the plain loop, the largest pixel
+  difference to eager, SDXL s/img. On by default, off with --quick (inductor takes minutes
+  on a CPU) unless --compile.
 - batch 1 vs batch 8: the largest pixel difference (0-255) between the same 8 jobs rendered
   one by one and as one batch.
 - Wh/image: measured by NVML (GPU) or RAPL (CPU) around the SD1.5 batches, else "not measured".
@@ -143,9 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default=None, help="default: fp16 on GPU, fp32 on CPU")
     ap.add_argument("--quick", action="store_true", help="tiny built-ins and a small upscale (CPU, minutes)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: sdxl, upscale")
+    ap.add_argument("--compile", dest="compile", action="store_true", default=None,
+                    help="also time compiled engines (default: yes, but not with --quick)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     skip = set(filter(None, args.skip.split(",")))
+    compiled = (not args.quick) if args.compile is None else args.compile
 
     import torch
 
@@ -173,6 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
              ("ratio imagegen / plain loop", f"{out['sd15_img_s'] / out['plain_img_s']:.2f}x"),
              (f"batch 1 vs batch {BATCH}: max pixel difference", f"{out['batch_diff']}/255"),
              (f"energy ({meter.source}): Wh/image", "not measured" if out["wh_per_image"] is None else f"{out['wh_per_image']:.3f}")]
+    if compiled:
+        eng.compile()
+        sec, _, comp = timed_engine(eng, reqs)
+        out["sd15_compiled_img_s"] = len(reqs) / sec
+        out["compiled_diff"] = max_pixel_diff(comp, batched)
+        rows += [(f"{label}, compiled: img/s", f"{out['sd15_compiled_img_s']:.2f}"),
+                 ("ratio compiled / plain loop", f"{out['sd15_compiled_img_s'] / out['plain_img_s']:.2f}x"),
+                 ("compiled vs eager: max pixel difference", f"{out['compiled_diff']}/255")]
     del eng
     # 2. SDXL: s/img.
     if "sdxl" not in skip:
@@ -182,6 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
         sec, _, _ = timed_engine(eng, reqs)
         out["sdxl_s_img"] = sec / len(reqs)
         rows.append((f"SDXL {model} {size}px {steps} steps, batch {BATCH}: s/img", f"{out['sdxl_s_img']:.3f}"))
+        if compiled:
+            eng.compile()
+            sec, _, _ = timed_engine(eng, reqs)
+            out["sdxl_compiled_s_img"] = sec / len(reqs)
+            rows.append((f"SDXL {model} {size}px {steps} steps, batch {BATCH}, compiled: s/img",
+                         f"{out['sdxl_compiled_s_img']:.3f}"))
         del eng
     # 3. Upscale.
     if "upscale" not in skip:
