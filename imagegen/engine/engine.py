@@ -556,7 +556,7 @@ class Engine:
                         num_inference_steps=first.steps,
                         guidance_scale=first.guidance,
                         generator=generators,
-                        output_type="pt" if output_type == "np" else output_type,  # pt: 8 bits on the device (engine/tail.py)
+                        output_type="pt" if first.hires is None else output_type,  # pt: 8 bits on the device (engine/tail.py)
                         **kwargs,
                     ).images
                 images, firsts = firsts_out, None
