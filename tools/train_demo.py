@@ -4,26 +4,36 @@
 
 The data are drawn on the fly by `imagegen.demo_scenes` (one flat shape on a flat background,
 32x32, with captions like "a small red circle at the top left on a blue background"; its module
-docstring documents the generator and the held-out pairs). Four stages, each seeded from
-`--seed`, each saving its weights when it ends (and the UNet every `--save-every` steps, so a
-cut-short run still leaves a usable model):
+docstring documents the generator and the held-out pairs). Six stages (`--stages`, in this
+order), each seeded from `--seed`, each saving its weights to `--out` when it ends; a later
+stage reads the earlier ones back from `--out` (float16, as shipped), so a run of all stages
+and a run of one stage at a time train on exactly the same inputs:
 
-1. VAE: an AutoencoderKL with three blocks (4x down: 32x32x3 -> 8x8x8), MSE + 0.5 L1 + a
-   small KL; then its `scaling_factor` is set to 1 / std of the latents.
-2. Text encoder + UNet, jointly, from scratch: a 2-layer, 64-wide CLIPTextModel (the real
-   49408-token vocabulary and tokenizer) and a 3-level UNet2DConditionModel, epsilon
-   prediction on the standard SD1.5 noise schedule, offset noise 0.1, EMA 0.999 (EMA weights
-   are the ones saved).
-3. Demo LoRA: rank-8 LoRA on every attention and feed-forward Linear of the frozen UNet,
-   trained on the same captions with the scene drawn with a white outline; saved in the
-   diffusers/peft key layout (`unet.<module>.lora_A.weight` / `lora_B.weight`).
-4. Demo upscaler (run second, it needs nothing else): SRVGGNetCompact x4 (imagegen.upscale.arch, 32 features, 8 convs) on
-   32 -> 128 pairs of the same scenes (the 32 px input sometimes blurred a little, like a VAE
-   decode), 16 px crops around the shape, MSE + 0.1 L1; saved as a BasicSR
+1. `vae`: an AutoencoderKL with three blocks (4x down: 32x32x3 -> 8x8x8), MSE + 0.5 L1 + a
+   small KL, 40% of its scenes drawn with the LoRA's white outline (so the latents can hold
+   it); then its `scaling_factor` is set to 1 / std of the latents.
+2. `sr`, the demo upscaler (needs nothing else): SRVGGNetCompact x4
+   (imagegen.upscale.archs.compact, 32 features, 8 convs) on 32 -> 128 pairs of the same scenes (the 32 px input sometimes blurred
+   a little, like a VAE decode), 16 px crops around the shape, MSE + 0.1 L1; saved as a BasicSR
    `{"params_ema": ...}` .pth.
-5. VAE decoder: more steps on the decoder alone, the encoder frozen, so the latent space
-   stages 2-3 learnt stays as it was (it only reads the encoder, so it may run beside them:
-   `--stages decoder` in a second process).
+3. `text`, the text encoder alone: a 2-layer, 64-wide CLIPTextModel (the real 49408-token
+   vocabulary and tokenizer) with linear heads that read the caption's colour, shape,
+   background, size and position back from its hidden states (`train_text`); only the caption
+   words' embedding rows are trained. It is frozen from then on: the UNet's conditioning is
+   informative from its first step.
+4. `unet`: a 3-level UNet2DConditionModel on the frozen text encoder; epsilon prediction on the
+   standard SD1.5 noise schedule (the engine's scheduler config), the MSE weighted as the
+   v-prediction loss (1 + 1/SNR, clipped at 200: the high-noise steps, where the caption decides
+   the picture, count), offset noise 0.1, lr 2e-3, EMA 0.995. Every `probe_every` steps the EMA
+   weights render 32 fixed training captions (10 DPM++ steps, guidance 5) that
+   `demo_scenes.read_scene` grades; the best-graded weights are the ones saved.
+5. `lora`, the demo LoRA: rank 8 on every attention and feed-forward Linear and on the resnet
+   convs of the two outer levels of the frozen UNet, trained on the same captions with the
+   scene drawn with a white outline; saved in the diffusers/peft key layout
+   (`unet.<module>.lora_A.weight` / `lora_B.weight`).
+6. `decoder`: more steps on the VAE decoder alone, with an edge term in the loss, the encoder
+   frozen and saved back bit for bit, so the latent space stages 4-5 learnt stays as it was (it
+   only reads the VAE, so it may run beside them: `--stages decoder` in a second process).
 
 Weights are stored as float16 safetensors (the builtin loader casts them back to float32) to
 keep the package small. `--scale` multiplies every stage's step count (0.05 for a pilot).
@@ -141,7 +151,7 @@ def save_half(module: torch.nn.Module, path: Path) -> None:
     save_file(sd, str(path))
 
 
-# --- stage 1: VAE -------------------------------------------------------------------------
+# --- stages 1 and 6: VAE and its decoder -------------------------------------------------
 
 
 def train_vae(out: Path, steps: int, seed: int):
@@ -196,8 +206,9 @@ def recon_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_decoder(out: Path, steps: int, seed: int) -> None:
-    """Stage 5: more training for the VAE decoder alone. The encoder (so the latent space the
-    UNet and LoRA were trained on) is frozen and saved back bit for bit."""
+    """Stage 6: more training for the VAE decoder alone (`recon_loss`, with its edge term). The
+    encoder (so the latent space the UNet and LoRA were trained on) is frozen and saved back bit
+    for bit."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae = load(out, "vae")
@@ -226,7 +237,7 @@ def train_decoder(out: Path, steps: int, seed: int) -> None:
     log("vae decoder saved")
 
 
-# --- stage 2: text encoder + UNet ---------------------------------------------------------
+# --- stages 3 and 4: text encoder, then UNet ----------------------------------------------
 
 
 class Tokens:
@@ -279,7 +290,7 @@ def caption_vocab(tokens: "Tokens") -> list[int]:
 
 
 def train_text(out: Path, steps: int, seed: int) -> None:
-    """Stage 2: the text encoder alone, before the UNet sees it. Linear heads read, from the
+    """Stage 3: the text encoder alone, before the UNet sees it. Linear heads read, from the
     mean of the last hidden states and from every padding position (causal attention: each sees
     the whole caption), the caption's colour, shape, background, size and position ("not said"
     included); cross-entropy on all of them. So the conditioning is informative from the UNet's
@@ -399,7 +410,7 @@ def probe(unet, te, vae, tokens) -> dict[str, float]:
 
 
 def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
-    """Stage 3: the UNet on the frozen text encoder; EMA (UNET_EMA) weights probed every
+    """Stage 4: the UNet on the frozen text encoder; EMA (UNET_EMA) weights probed every
     `probe_every` steps, the best probe score saved."""
     from diffusers import UNet2DConditionModel
 
@@ -444,7 +455,7 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
     return load(out, "unet")
 
 
-# --- stage 3: demo LoRA -------------------------------------------------------------------
+# --- stage 5: demo LoRA -------------------------------------------------------------------
 
 
 class LoraLinear(torch.nn.Module):
@@ -521,7 +532,7 @@ def train_lora(out: Path, unet, te, vae, steps: int, seed: int) -> None:
     log(f"lora saved: {len(wrapped)} layers, rank {LORA_RANK}")
 
 
-# --- stage 4: demo upscaler ---------------------------------------------------------------
+# --- stage 2: demo upscaler ---------------------------------------------------------------
 
 
 def sr_pairs(rng: np.random.Generator, n: int):
@@ -547,7 +558,7 @@ def sr_pairs(rng: np.random.Generator, n: int):
 
 def train_sr(out: Path, steps: int, seed: int) -> None:
     """16x16 low-resolution crops around the shape (flat background teaches nothing), MSE + L1."""
-    from imagegen.upscale.arch import SRVGGNetCompact
+    from imagegen.upscale.archs.compact.net import SRVGGNetCompact
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -598,8 +609,7 @@ def main() -> None:
     stages = a.stages.split(",")
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    # Each stage reads the earlier ones back from --out (float16, as shipped), so a run of all
-    # stages and a run of one stage at a time train on exactly the same inputs.
+    # Each stage reads the earlier ones back from --out (float16, as shipped): see the docstring.
     if "vae" in stages:
         train_vae(a.out, n["vae_steps"], a.seed)
     if "sr" in stages:
