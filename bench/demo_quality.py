@@ -1,10 +1,10 @@
 """How well `builtin:demo-sd15`, its demo LoRA and its demo upscaler do what they are asked.
 
-    PYTHONPATH=$PWD python bench/demo_quality.py [--seeds 16] [--steps 20] [--out DIR]
+    PYTHONPATH=$PWD python bench/demo_quality.py [--seeds 16] [--lora-seeds N] [--steps 20] [--guidance 5] [--out PNG]
 
 On held-out captions (a (colour, shape) pair never drawn in training, `demo_scenes.HELD_OUT`,
 each with its own background, size and position), `--seeds` seeds each, through the real engine
-(`open_engine`, DPM++ 2M Karras, guidance 5). Every image is measured by `demo_scenes.read_scene`
+(`open_engine`, DPM++ 2M Karras, guidance 5 unless `--guidance`). Every image is measured by `demo_scenes.read_scene`
 (pixel statistics: border median for the background, far-from-background pixels for the shape,
 nearest palette colour, centroid grid cell, nearest mean silhouette for the class):
 
@@ -50,10 +50,10 @@ def held_out_scenes() -> list[ds.Scene]:
     return out
 
 
-def render(engine, captions: list[str], seeds: list[int], steps: int, side: int = 32):
+def render(engine, captions: list[str], seeds: list[int], steps: int, side: int = 32, guidance: float = 5.0):
     from imagegen.engine import GenRequest
 
-    reqs = [GenRequest(c, "", s, side, side, steps, 5.0, "DPM++ 2M Karras") for c in captions for s in seeds]
+    reqs = [GenRequest(c, "", s, side, side, steps, guidance, "DPM++ 2M Karras") for c in captions for s in seeds]
     out = []
     for i in range(0, len(reqs), 16):
         out += [np.asarray(r.image, dtype=np.float32) for r in engine.generate(reqs[i : i + 16])]
@@ -89,7 +89,9 @@ def upscaler_psnr(n: int = 100) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument("--lora-seeds", type=int, help="seeds per caption for the LoRA rows (default: --seeds)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="save a sheet of the base renders here (PNG)")
     ap.add_argument("--parts", default="base,lora,sr", help="comma list of base, lora, sr")
@@ -107,8 +109,8 @@ def main() -> None:
     seeds = list(range(a.seeds))
     per = len(seeds)
     if "base" in parts or "lora" in parts:
-        base = render(engine, caps, seeds, a.steps)
-        print(f"builtin:demo-sd15 on {len(caps)} held-out captions x {per} seeds = {len(base)} images, {a.steps} steps, DPM++ 2M Karras, cfg 5")
+        base = render(engine, caps, seeds, a.steps, guidance=a.guidance)
+        print(f"builtin:demo-sd15 on {len(caps)} held-out captions x {per} seeds = {len(base)} images, {a.steps} steps, DPM++ 2M Karras, cfg {a.guidance:g}")
     if "base" in parts:
         ok = {"colour": 0, "shape": 0, "position": 0}
         for i, s in enumerate(scenes):
@@ -134,11 +136,12 @@ def main() -> None:
         # captions whose shape and background are not white (an outline on white is invisible)
         keep = [i for i, s in enumerate(scenes) if "white" not in (s.colour, s.background)]
         lcaps = [caps[i] for i in keep]
-        lbase = render(engine, lcaps, seeds, a.steps)  # same batches as the LoRA renders below
+        lseeds = list(range(a.lora_seeds or a.seeds))
+        lbase = render(engine, lcaps, lseeds, a.steps, guidance=a.guidance)  # same batches as the LoRA renders below
         engine.set_loras([(str(LORA), 1.0)])
-        l1 = render(engine, lcaps, seeds, a.steps)
+        l1 = render(engine, lcaps, lseeds, a.steps, guidance=a.guidance)
         engine.set_loras([(str(LORA), 0.0)])
-        l0 = render(engine, lcaps, seeds, a.steps)
+        l0 = render(engine, lcaps, lseeds, a.steps, guidance=a.guidance)
         engine.set_loras([])
         eff1 = [ds.read_scene(img.astype(np.uint8)).outline >= OUTLINE_MIN for img in l1]
         eff_base = [ds.read_scene(img.astype(np.uint8)).outline >= OUTLINE_MIN for img in lbase]

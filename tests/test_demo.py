@@ -14,11 +14,14 @@ from imagegen.recipe import BUILTIN_FILES, load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 LORA = str(BUILTIN_FILES["demo-outline"])
 SEEDS = (0, 1, 2)
-# The shipped weights stop before the model learnt to read its prompt (bench/demo_quality.py:
-# colour 1%, shape 15%, position 10% on held-out captions). These tests say what a trained
-# demo model must do; they pass once tools/train_demo.py has run long enough. The LoRA trained
-# on the under-trained UNet shows no outline yet either (0% at weight 1).
-UNDERTRAINED = pytest.mark.xfail(reason="shipped demo-sd15 weights do not follow the prompt yet", strict=False)
+# What the shipped weights do not do yet (bench/demo_quality.py on held-out captions, README):
+# the shape class is right in 24% of images (target 75%): the VAE's 4x-down, 8-channel latents
+# blur small stars, triangles and rings into discs (its own reconstructions read right in ~70%)
+# and the UNet's 2000 steps learnt colour and position first.
+SHAPE_MISSED = pytest.mark.xfail(reason="demo-sd15 draws blobs more than shapes yet (shape class 24% on held-out captions)", strict=False)
+# The demo LoRA whitens the shape's rim, but the VAE decodes a 1-pixel white line as a pale halo:
+# a clear outline (>= 10% of rim pixels near white) shows in 10.6% of held-out images (no LoRA: 2.5%), not 90%.
+LORA_MISSED = pytest.mark.xfail(reason="the demo LoRA's outline is a pale halo through the VAE (10.6% of held-out images, target 90%)", strict=False)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,6 @@ def test_shipped_weights_are_small():
     assert total <= 15 * 2**20
 
 
-@UNDERTRAINED
 def test_red_circle_on_blue_has_red_centre_and_blue_corners(engine):
     engine.set_loras([])
     for img in render(engine, "a large red circle in the centre on a blue background"):
@@ -55,7 +57,6 @@ def test_red_circle_on_blue_has_red_centre_and_blue_corners(engine):
         assert ds.nearest_colour(corners) == "blue", corners
 
 
-@UNDERTRAINED
 @pytest.mark.parametrize("colour", ["red", "yellow", "green", "blue"])
 def test_colour_follows_the_prompt(engine, colour):
     engine.set_loras([])
@@ -64,11 +65,17 @@ def test_colour_follows_the_prompt(engine, colour):
     assert [r.background for r in got] == ["black"] * len(SEEDS)
 
 
-@UNDERTRAINED
-def test_position_and_shape_follow_the_prompt(engine):
+def test_position_follows_the_prompt(engine):
+    engine.set_loras([])
+    for where in ("at the bottom right", "at the top left", "on the left"):
+        got = [ds.read_scene(img) for img in render(engine, f"a large yellow star {where} on a blue background")]
+        assert [r.position for r in got] == [where] * len(SEEDS)
+
+
+@SHAPE_MISSED
+def test_shape_follows_the_prompt(engine):
     engine.set_loras([])
     got = [ds.read_scene(img) for img in render(engine, "a large yellow star at the bottom right on a blue background")]
-    assert [r.position for r in got] == ["at the bottom right"] * len(SEEDS)
     assert [r.shape for r in got].count("star") >= 2
 
 
@@ -83,7 +90,20 @@ def test_lora_at_weight_0_is_no_lora(engine):
         assert np.array_equal(a, b)  # weight 0 adds exactly nothing (same batches, same path)
 
 
-@UNDERTRAINED
+def test_lora_at_weight_1_whitens_the_shapes_rim(engine):
+    prompt = "a large red square in the centre on a blue background"
+    engine.set_loras([])
+    plain = render(engine, prompt)
+    engine.set_loras([(LORA, 1.0)])
+    outlined = render(engine, prompt)
+    engine.set_loras([])
+    for a, b in zip(plain, outlined):
+        ra, rb = ds.read_scene(a), ds.read_scene(b)
+        assert rb.colour == "red" and rb.background == "blue"  # the scene stays the scene
+        assert rb.outline >= ra.outline + 0.05, (ra.outline, rb.outline)  # measured: 0 -> 0.07-0.16
+
+
+@LORA_MISSED
 def test_lora_outline_appears_at_weight_1_not_at_0(engine):
     prompt = "a large green circle in the centre on a purple background"
     engine.set_loras([])

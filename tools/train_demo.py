@@ -4,26 +4,36 @@
 
 The data are drawn on the fly by `imagegen.demo_scenes` (one flat shape on a flat background,
 32x32, with captions like "a small red circle at the top left on a blue background"; its module
-docstring documents the generator and the held-out pairs). Four stages, each seeded from
-`--seed`, each saving its weights when it ends (and the UNet every `--save-every` steps, so a
-cut-short run still leaves a usable model):
+docstring documents the generator and the held-out pairs). Six stages (`--stages`, in this
+order), each seeded from `--seed`, each saving its weights to `--out` when it ends; a later
+stage reads the earlier ones back from `--out` (float16, as shipped), so a run of all stages
+and a run of one stage at a time train on exactly the same inputs:
 
-1. VAE: an AutoencoderKL with three blocks (4x down: 32x32x3 -> 8x8x8), MSE + 0.5 L1 + a
-   small KL; then its `scaling_factor` is set to 1 / std of the latents.
-2. Text encoder + UNet, jointly, from scratch: a 2-layer, 64-wide CLIPTextModel (the real
-   49408-token vocabulary and tokenizer) and a 3-level UNet2DConditionModel, epsilon
-   prediction on the standard SD1.5 noise schedule, offset noise 0.1, EMA 0.999 (EMA weights
-   are the ones saved).
-3. Demo LoRA: rank-8 LoRA on every attention and feed-forward Linear of the frozen UNet,
-   trained on the same captions with the scene drawn with a white outline; saved in the
-   diffusers/peft key layout (`unet.<module>.lora_A.weight` / `lora_B.weight`).
-4. Demo upscaler (run second, it needs nothing else): SRVGGNetCompact x4 (imagegen.upscale.arch, 32 features, 8 convs) on
-   32 -> 128 pairs of the same scenes (the 32 px input sometimes blurred a little, like a VAE
-   decode), 16 px crops around the shape, MSE + 0.1 L1; saved as a BasicSR
+1. `vae`: an AutoencoderKL with three blocks (4x down: 32x32x3 -> 8x8x8), MSE + 0.5 L1 + a
+   small KL, 40% of its scenes drawn with the LoRA's white outline (so the latents can hold
+   it); then its `scaling_factor` is set to 1 / std of the latents.
+2. `sr`, the demo upscaler (needs nothing else): SRVGGNetCompact x4
+   (imagegen.upscale.archs.compact, 32 features, 8 convs) on 32 -> 128 pairs of the same scenes (the 32 px input sometimes blurred
+   a little, like a VAE decode), 16 px crops around the shape, MSE + 0.1 L1; saved as a BasicSR
    `{"params_ema": ...}` .pth.
-5. VAE decoder: more steps on the decoder alone, the encoder frozen, so the latent space
-   stages 2-3 learnt stays as it was (it only reads the encoder, so it may run beside them:
-   `--stages decoder` in a second process).
+3. `text`, the text encoder alone: a 2-layer, 64-wide CLIPTextModel (the real 49408-token
+   vocabulary and tokenizer) with linear heads that read the caption's colour, shape,
+   background, size and position back from its hidden states (`train_text`); only the caption
+   words' embedding rows are trained. It is frozen from then on: the UNet's conditioning is
+   informative from its first step.
+4. `unet`: a 3-level UNet2DConditionModel on the frozen text encoder; epsilon prediction on the
+   standard SD1.5 noise schedule (the engine's scheduler config), the MSE weighted as the
+   v-prediction loss (1 + 1/SNR, clipped at 200: the high-noise steps, where the caption decides
+   the picture, count), offset noise 0.1, lr 2e-3, EMA 0.995. Every `probe_every` steps the EMA
+   weights render 32 fixed training captions (10 DPM++ steps, guidance 5) that
+   `demo_scenes.read_scene` grades; the best-graded weights are the ones saved.
+5. `lora`, the demo LoRA: rank 8 on every attention and feed-forward Linear and on the resnet
+   convs of the two outer levels of the frozen UNet, trained on the same captions with the
+   scene drawn with a white outline; saved in the diffusers/peft key layout
+   (`unet.<module>.lora_A.weight` / `lora_B.weight`).
+6. `decoder`: more steps on the VAE decoder alone, with an edge term in the loss, the encoder
+   frozen and saved back bit for bit, so the latent space stages 4-5 learnt stays as it was (it
+   only reads the VAE, so it may run beside them: `--stages decoder` in a second process).
 
 Weights are stored as float16 safetensors (the builtin loader casts them back to float32) to
 keep the package small. `--scale` multiplies every stage's step count (0.05 for a pilot).
@@ -48,12 +58,13 @@ from imagegen import demo_scenes as ds  # noqa: E402
 
 SIDE = 32  # image side the model is trained at (and renders by default)
 DEFAULTS = {
-    "vae_steps": 1200,  # batch 16
-    "unet_steps": 1500,  # batch 32; the shipped UNet is the step-1200 checkpoint of this run (CPU time ran out)
-    "lora_steps": 250,  # batch 32
+    "vae_steps": 2400,  # batch 16
+    "unet_steps": 2000,  # batch 32
+    "lora_steps": 400,  # batch 32
     "sr_steps": 4000,  # batch 16 crops of 16 -> 64
-    "decoder_steps": 1000,  # batch 16
-    "save_every": 200,
+    "decoder_steps": 1500,  # batch 16
+    "text_steps": 400,  # batch 64 captions
+    "probe_every": 250,  # in-training probe (and checkpoint choice)
 }
 VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
@@ -98,8 +109,20 @@ UNET_CONFIG = {
     "use_linear_projection": True,
 }
 VAE_LR = 2e-3
+DECODER_EDGE = 1.0
+VAE_OUTLINED = 0.4  # fraction of VAE training scenes drawn with the LoRA's outline (so it can be decoded)
+TEXT_LR = 3e-3
+UNET_LR = 2e-3
+UNET_EMA = 0.995
+MIN_SNR = 5.0
+LOSS_WEIGHTING = "v"
+V_CLIP = 200.0
 SR_KWARGS = {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 32, "num_conv": 8, "scale": 4}
 LORA_RANK = 8
+LORA_LR = 5e-3
+# resnet convs of the UNet's two outer levels (the outline is a local, high-resolution mark)
+LORA_CONV_TARGETS = tuple(f"{b}.{i}.resnets.{j}.{c}" for b, i, n in (("down_blocks", 0, 1), ("down_blocks", 1, 1), ("up_blocks", 1, 2), ("up_blocks", 2, 2))
+                          for j in range(n) for c in ("conv1", "conv2"))  # fmt: skip
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
@@ -111,9 +134,12 @@ def init_args(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "architectures"}
 
 
-def batch_images(rng: np.random.Generator, n: int, *, outline: bool = False, side: int = SIDE):
+def batch_images(rng: np.random.Generator, n: int, *, outline: bool | float = False, side: int = SIDE):
+    """n random training scenes and their drawings in [-1, 1]; `outline` True draws every one with
+    the LoRA's white outline, a float the fraction drawn with it (chosen at random)."""
     scenes = [ds.random_scene(rng) for _ in range(n)]
-    imgs = np.stack([np.asarray(ds.draw(s, side, outline=outline), dtype=np.float32) for s in scenes])
+    marks = [bool(outline) if isinstance(outline, bool) else bool(rng.random() < outline) for _ in scenes]
+    imgs = np.stack([np.asarray(ds.draw(s, side, outline=m), dtype=np.float32) for s, m in zip(scenes, marks)])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2) / 127.5 - 1
     return scenes, x
 
@@ -125,7 +151,7 @@ def save_half(module: torch.nn.Module, path: Path) -> None:
     save_file(sd, str(path))
 
 
-# --- stage 1: VAE -------------------------------------------------------------------------
+# --- stages 1 and 6: VAE and its decoder -------------------------------------------------
 
 
 def train_vae(out: Path, steps: int, seed: int):
@@ -139,10 +165,10 @@ def train_vae(out: Path, steps: int, seed: int):
     opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     t0 = time.time()
     for step in range(1, steps + 1):
-        lr = VAE_LR * min(1.0, step / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = VAE_LR * min(1.0, step / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        _, x = batch_images(rng, 16)
+        _, x = batch_images(rng, 16, outline=VAE_OUTLINED)
         post = vae.encode(x).latent_dist
         y = vae.decode(post.sample()).sample
         rec = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
@@ -167,9 +193,22 @@ def train_vae(out: Path, steps: int, seed: int):
     return vae
 
 
+def recon_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """MSE + 0.5 L1, plus DECODER_EDGE x L1 of the horizontal and vertical pixel differences
+    (sharp corners and the LoRA's 1-pixel outline are what a blurry decoder loses)."""
+    d = y - x
+    loss = d.pow(2).mean() + 0.5 * d.abs().mean()
+    if DECODER_EDGE:
+        gx = (y[..., :, 1:] - y[..., :, :-1]) - (x[..., :, 1:] - x[..., :, :-1])
+        gy = (y[..., 1:, :] - y[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])
+        loss = loss + DECODER_EDGE * (gx.abs().mean() + gy.abs().mean())
+    return loss
+
+
 def train_decoder(out: Path, steps: int, seed: int) -> None:
-    """Stage 5: more training for the VAE decoder alone. The encoder (so the latent space the
-    UNet and LoRA were trained on) is frozen and saved back bit for bit."""
+    """Stage 6: more training for the VAE decoder alone (`recon_loss`, with its edge term). The
+    encoder (so the latent space the UNet and LoRA were trained on) is frozen and saved back bit
+    for bit."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae = load(out, "vae")
@@ -184,11 +223,11 @@ def train_decoder(out: Path, steps: int, seed: int) -> None:
         lr = 1e-3 * min(1.0, step / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        _, x = batch_images(rng, 16)
+        _, x = batch_images(rng, 16, outline=VAE_OUTLINED)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         y = vae.decode(z).sample
-        rec = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+        rec = recon_loss(y, x)
         opt.zero_grad(set_to_none=True)
         rec.backward()
         opt.step()
@@ -198,7 +237,7 @@ def train_decoder(out: Path, steps: int, seed: int) -> None:
     log("vae decoder saved")
 
 
-# --- stage 2: text encoder + UNet ---------------------------------------------------------
+# --- stages 3 and 4: text encoder, then UNet ----------------------------------------------
 
 
 class Tokens:
@@ -225,49 +264,172 @@ def noise_schedule():
                          beta_end=cfg["beta_end"], beta_schedule=cfg["beta_schedule"])  # fmt: skip
 
 
-def diffusion_loss(unet, te, vae, sched, tokens, rng, *, outline: bool = False, batch: int = 32):
-    scenes, x = batch_images(rng, batch, outline=outline)
-    caps = [ds.random_caption(s, rng) for s in scenes]
-    with torch.no_grad():
-        z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-    noise = torch.randn_like(z) + 0.1 * torch.randn(z.shape[0], z.shape[1], 1, 1)
-    t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],))
-    zt = sched.add_noise(z, noise, t)
-    ctx = te(tokens(caps))[0]
-    pred = unet(zt, t, ctx).sample
-    return (pred - noise).pow(2).mean()
+def caption_labels(scene: ds.Scene | None, caption: str) -> list[int]:
+    """What a caption says, as class indices for the text encoder's auxiliary heads (the last
+    index of each head = "not said")."""
+    if not caption:
+        return [len(ds.COLOURS), len(ds.SHAPES), len(ds.COLOURS), len(ds.SIZES), len(ds.POSITIONS)]
+    assert scene is not None
+    sizes, positions = list(ds.SIZES), list(ds.POSITIONS)
+    return [ds.COLOURS.index(scene.colour), ds.SHAPES.index(scene.shape),
+            ds.COLOURS.index(scene.background) if f"on a {scene.background} background" in caption else len(ds.COLOURS),
+            sizes.index(scene.size) if caption.startswith(f"a {scene.size} ") else len(sizes),
+            positions.index(scene.position) if f" {scene.position}" in caption else len(positions)]  # fmt: skip
 
 
-def train_unet(out: Path, vae, steps: int, seed: int, save_every: int):
-    from diffusers import UNet2DConditionModel
+HEADS = (len(ds.COLOURS) + 1, len(ds.SHAPES) + 1, len(ds.COLOURS) + 1, len(ds.SIZES) + 1, len(ds.POSITIONS) + 1)
+
+
+def caption_vocab(tokens: "Tokens") -> list[int]:
+    """Every token id a training caption can contain (BOS, EOS and the words of `demo_scenes`)."""
+    words = ["a", "on a", "background", *ds.COLOURS, *ds.SHAPES, *ds.SIZES, *ds.POSITIONS]
+    ids = {49406, 49407}
+    for w in words:
+        ids.update(tokens.tok(w).input_ids)
+    return sorted(ids)
+
+
+def train_text(out: Path, steps: int, seed: int) -> None:
+    """Stage 3: the text encoder alone, before the UNet sees it. Linear heads read, from the
+    mean of the last hidden states and from every padding position (causal attention: each sees
+    the whole caption), the caption's colour, shape, background, size and position ("not said"
+    included); cross-entropy on all of them. So the conditioning is informative from the UNet's
+    first step, and factorised (a held-out colour/shape pair reads as its two parts). Only the
+    embedding rows of the caption vocabulary are trained (no weight decay); the others keep their
+    small random init."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    unet = UNet2DConditionModel(**init_args(UNET_CONFIG))
     te = CLIPTextModel(CLIPTextConfig(**init_args(TEXT_CONFIG)))
-    ema_u = UNet2DConditionModel(**init_args(UNET_CONFIG))
-    ema_t = CLIPTextModel(CLIPTextConfig(**init_args(TEXT_CONFIG)))
-    ema_u.load_state_dict(unet.state_dict())
-    ema_t.load_state_dict(te.state_dict())
-    for m in (ema_u, ema_t, vae):
-        m.requires_grad_(False).eval()
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    sched, tokens = noise_schedule(), Tokens()
-    ema_pairs = [(p_e, p) for a, b in ((ema_u, unet), (ema_t, te)) for p_e, p in zip(a.parameters(), b.parameters())]
-    (out / "unet").mkdir(parents=True, exist_ok=True)
-    (out / "text_encoder").mkdir(parents=True, exist_ok=True)
-    (out / "unet" / "config.json").write_text(json.dumps(UNET_CONFIG, indent=2) + "\n")
-    (out / "text_encoder" / "config.json").write_text(json.dumps(TEXT_CONFIG, indent=2) + "\n")
-
-    def save() -> None:
-        save_half(ema_u, out / "unet" / "diffusion_pytorch_model.safetensors")
-        save_half(ema_t, out / "text_encoder" / "model.safetensors")
-
-    t0, avg = time.time(), None
+    tokens = Tokens()
+    vocab = caption_vocab(tokens)
+    emb = te.get_input_embeddings()
+    emb.weight.requires_grad_(False)
+    remap = torch.zeros(emb.weight.shape[0], dtype=torch.long)
+    remap[torch.tensor(vocab)] = torch.arange(len(vocab))
+    rows = torch.nn.Parameter(emb.weight[vocab].clone())
+    hook = emb.register_forward_hook(lambda m, inp, o: rows[remap[inp[0]]])
+    heads = torch.nn.Linear(TEXT_CONFIG["hidden_size"], sum(HEADS))
+    body = [p for n, p in te.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": body + list(heads.parameters()), "weight_decay": 0.01},
+                             {"params": [rows], "weight_decay": 0.0}], lr=TEXT_LR)  # fmt: skip
+    t0 = time.time()
     for step in range(1, steps + 1):
-        lr = 1e-3 * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = TEXT_LR * min(1.0, step / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        scenes = [ds.random_scene(rng) for _ in range(64)]
+        caps = [ds.random_caption(s, rng) for s in scenes]
+        ids = tokens(caps)
+        y = torch.tensor([caption_labels(s, c) for s, c in zip(scenes, caps)])
+        h = te(ids)[0]  # (B, 77, D)
+        first_eos = (ids == 49407).int().argmax(1)
+        pad = torch.arange(ids.shape[1])[None] >= first_eos[:, None]  # (B, 77)
+        logits = heads(torch.cat([h.mean(1, keepdim=True), h], 1)).split(HEADS, -1)  # each (B, 78, k)
+        weight = torch.cat([torch.ones(len(caps), 1), pad.float() / pad.sum(1, keepdim=True)], 1)  # mean 1/2, pads 1/2
+        loss, acc = 0.0, []
+        for k, lg in enumerate(logits):
+            ce = torch.nn.functional.cross_entropy(lg.transpose(1, 2), y[:, k, None].expand(-1, lg.shape[1]), reduction="none")
+            loss = loss + (ce * weight).sum() / (2 * len(caps))
+            acc.append((lg[:, 0].argmax(-1) == y[:, k]).float().mean().item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            log(f"text {step}/{steps} loss {loss.item():.4f} acc {' '.join(f'{a:.2f}' for a in acc)} ({time.time() - t0:.0f}s)")
+    hook.remove()
+    with torch.no_grad():
+        emb.weight[vocab] = rows
+    (out / "text_encoder").mkdir(parents=True, exist_ok=True)
+    (out / "text_encoder" / "config.json").write_text(json.dumps(TEXT_CONFIG, indent=2) + "\n")
+    save_half(te, out / "text_encoder" / "model.safetensors")
+    log(f"text encoder saved ({len(vocab)} caption tokens trained)")
+
+
+def diffusion_loss(unet, te, vae, sched, tokens, rng, *, outline: bool = False, batch: int = 32):
+    """Epsilon loss weighted by `loss_weight`, offset noise 0.1; the text encoder frozen."""
+    scenes, x = batch_images(rng, batch, outline=outline)
+    caps = [ds.random_caption(s, rng) for s in scenes]
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        ctx = te(tokens(caps))[0]
+    noise = torch.randn_like(z) + 0.1 * torch.randn(z.shape[0], z.shape[1], 1, 1)
+    t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],))
+    zt = sched.add_noise(z, noise, t)
+    pred = unet(zt, t, ctx).sample
+    ac = sched.alphas_cumprod[t]
+    w = loss_weight(ac)
+    return ((pred - noise).pow(2).mean((1, 2, 3)) * w).mean()
+
+
+def loss_weight(ac: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight of the epsilon MSE at noise level `ac` (alphas_cumprod)."""
+    snr = ac / (1 - ac)
+    if LOSS_WEIGHTING == "min-snr":
+        return torch.clamp(snr, max=MIN_SNR) / snr
+    if LOSS_WEIGHTING == "v":  # the v-prediction loss (1 + 1/snr), clipped
+        return torch.clamp(1 + 1 / snr, max=V_CLIP)
+    return torch.ones_like(ac)
+
+
+def probe_scenes(n: int = 32) -> list[ds.Scene]:
+    """Fixed training-distribution scenes (never the held-out pairs) for the in-training probe."""
+    rng = np.random.default_rng(4242)
+    return [ds.random_scene(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def sample(unet, te, vae, tokens, captions: list[str], seed: int, *, steps: int = 10, cfg: float = 5.0) -> np.ndarray:
+    """DPM++ 2M Karras (as the engine runs it) at 32x32: uint8 images (B, 32, 32, 3)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    cfgd = json.loads((ROOT / "imagegen" / "data" / "configs" / "sd15" / "scheduler" / "scheduler_config.json").read_text())
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=cfgd["beta_start"], beta_end=cfgd["beta_end"],
+                                      beta_schedule=cfgd["beta_schedule"], use_karras_sigmas=True, steps_offset=1)  # fmt: skip
+    sch.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(captions), UNET_CONFIG["in_channels"], SIDE // 4, SIDE // 4, generator=g) * sch.init_noise_sigma
+    ctx = te(tokens(captions + [""] * len(captions)))[0]
+    for t in sch.timesteps:
+        e = unet(torch.cat([z, z]), t, ctx).sample
+        ec, eu = e.chunk(2)
+        z = sch.step(eu + cfg * (ec - eu), t, z).prev_sample
+    x = vae.decode(z / vae.config.scaling_factor).sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def probe(unet, te, vae, tokens) -> dict[str, float]:
+    """Fraction of probe scenes whose render reads back right (colour+background, shape, position)."""
+    scenes = probe_scenes()
+    imgs = sample(unet, te, vae, tokens, [s.caption() for s in scenes], seed=0)
+    got = [ds.read_scene(im) for im in imgs]
+    return {"colour": float(np.mean([r.colour == s.colour and r.background == s.background for r, s in zip(got, scenes)])),
+            "shape": float(np.mean([r.shape == s.shape for r, s in zip(got, scenes)])),
+            "position": float(np.mean([r.position == s.position for r, s in zip(got, scenes)]))}  # fmt: skip
+
+
+def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
+    """Stage 4: the UNet on the frozen text encoder; EMA (UNET_EMA) weights probed every
+    `probe_every` steps, the best probe score saved."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    unet = UNet2DConditionModel(**init_args(UNET_CONFIG))
+    ema = UNet2DConditionModel(**init_args(UNET_CONFIG))
+    ema.load_state_dict(unet.state_dict())
+    for m in (ema, te, vae):
+        m.requires_grad_(False).eval()
+    params = list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.01)
+    sched, tokens = noise_schedule(), Tokens()
+    ema_pairs = list(zip(ema.parameters(), unet.parameters()))
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    (out / "unet" / "config.json").write_text(json.dumps(UNET_CONFIG, indent=2) + "\n")
+    t0, avg, best = time.time(), None, -1.0
+    for step in range(1, steps + 1):
+        lr = UNET_LR * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         loss = diffusion_loss(unet, te, vae, sched, tokens, rng)
@@ -275,19 +437,25 @@ def train_unet(out: Path, vae, steps: int, seed: int, save_every: int):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(UNET_EMA, (1 + step) / (10 + step))
         with torch.no_grad():
             for p_e, p in ema_pairs:
                 p_e.lerp_(p, 1 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0 or step == steps:
             log(f"unet {step}/{steps} loss {avg:.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
-        if step % save_every == 0 or step == steps:
-            save()
-    return ema_u, ema_t
+        if step % probe_every == 0 or step == steps:
+            p = probe(ema, te, vae, tokens)
+            score = sum(p.values())
+            log(f"unet {step} probe colour {p['colour']:.2f} shape {p['shape']:.2f} position {p['position']:.2f}"
+                + (" (best: saved)" if score > best else ""))  # fmt: skip
+            if score > best:
+                best = score
+                save_half(ema, out / "unet" / "diffusion_pytorch_model.safetensors")
+    return load(out, "unet")
 
 
-# --- stage 3: demo LoRA -------------------------------------------------------------------
+# --- stage 5: demo LoRA -------------------------------------------------------------------
 
 
 class LoraLinear(torch.nn.Module):
@@ -303,6 +471,21 @@ class LoraLinear(torch.nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
+class LoraConv(torch.nn.Module):
+    """peft's Conv2d LoRA: down = a conv like the base one to `rank` channels, up = 1x1."""
+
+    def __init__(self, base: torch.nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+        self.up = torch.nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        torch.nn.init.normal_(self.down.weight, std=1 / (rank * base.kernel_size[0]))
+        torch.nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
 def train_lora(out: Path, unet, te, vae, steps: int, seed: int) -> None:
     from safetensors.torch import save_file
 
@@ -310,20 +493,23 @@ def train_lora(out: Path, unet, te, vae, steps: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     unet.requires_grad_(False)
     te.requires_grad_(False)
-    wrapped: dict[str, LoraLinear] = {}
+    wrapped: dict[str, LoraLinear | LoraConv] = {}
     for name, mod in list(unet.named_modules()):
         for attr, child in list(mod.named_children()):
             full = f"{name}.{attr}" if name else attr
             if isinstance(child, torch.nn.Linear) and any(full.endswith(t) for t in LORA_TARGETS) and "attentions" in full:
-                w = LoraLinear(child, LORA_RANK)
-                setattr(mod, attr, w)
-                wrapped[full] = w
+                wrapped[full] = LoraLinear(child, LORA_RANK)
+            elif isinstance(child, torch.nn.Conv2d) and any(full.endswith(t) for t in LORA_CONV_TARGETS):
+                wrapped[full] = LoraConv(child, LORA_RANK)
+            else:
+                continue
+            setattr(mod, attr, wrapped[full])
     params = [p for w in wrapped.values() for p in (w.down.weight, w.up.weight)]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=LORA_LR, weight_decay=0.0)
     sched, tokens = noise_schedule(), Tokens()
     t0, avg = time.time(), None
     for step in range(1, steps + 1):
-        lr = 2e-3 * min(1.0, step / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = LORA_LR * min(1.0, step / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         loss = diffusion_loss(unet, te, vae, sched, tokens, rng, outline=True)
@@ -341,12 +527,12 @@ def train_lora(out: Path, unet, te, vae, steps: int, seed: int) -> None:
     # put the plain modules back, for anything that runs after
     for name, mod in list(unet.named_modules()):
         for attr, child in list(mod.named_children()):
-            if isinstance(child, LoraLinear):
+            if isinstance(child, (LoraLinear, LoraConv)):
                 setattr(mod, attr, child.base)
     log(f"lora saved: {len(wrapped)} layers, rank {LORA_RANK}")
 
 
-# --- stage 4: demo upscaler ---------------------------------------------------------------
+# --- stage 2: demo upscaler ---------------------------------------------------------------
 
 
 def sr_pairs(rng: np.random.Generator, n: int):
@@ -372,7 +558,7 @@ def sr_pairs(rng: np.random.Generator, n: int):
 
 def train_sr(out: Path, steps: int, seed: int) -> None:
     """16x16 low-resolution crops around the shape (flat background teaches nothing), MSE + L1."""
-    from imagegen.upscale.arch import SRVGGNetCompact
+    from imagegen.upscale.archs.compact.net import SRVGGNetCompact
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -412,25 +598,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "imagegen" / "data" / "demo")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
-    ap.add_argument("--stages", default="vae,sr,unet,lora,decoder", help="comma list; later stages load earlier ones from --out")
+    ap.add_argument("--stages", default="vae,sr,text,unet,lora,decoder", help="comma list; later stages load earlier ones from --out")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from diffusers.utils import logging as dl
 
     dl.set_verbosity_error()
-    n = {k: max(1, int(v * a.scale)) for k, v in DEFAULTS.items() if k != "save_every"}
+    n = {k: max(1, int(v * a.scale)) for k, v in DEFAULTS.items() if k != "probe_every"}
     stages = a.stages.split(",")
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    # Each stage reads the earlier ones back from --out (float16, as shipped), so a run of all
-    # stages and a run of one stage at a time train on exactly the same inputs.
+    # Each stage reads the earlier ones back from --out (float16, as shipped): see the docstring.
     if "vae" in stages:
         train_vae(a.out, n["vae_steps"], a.seed)
     if "sr" in stages:
         train_sr(a.out, n["sr_steps"], a.seed + 3)
+    if "text" in stages:
+        train_text(a.out, n["text_steps"], a.seed + 5)
     if "unet" in stages:
-        train_unet(a.out, load(a.out, "vae").requires_grad_(False), n["unet_steps"], a.seed + 1, DEFAULTS["save_every"])
+        train_unet(a.out, load(a.out, "vae"), load(a.out, "text_encoder"), n["unet_steps"], a.seed + 1, DEFAULTS["probe_every"])
     if "lora" in stages:
         unet, te = load(a.out, "unet"), load(a.out, "text_encoder")
         train_lora(a.out, unet, te, load(a.out, "vae").requires_grad_(False), n["lora_steps"], a.seed + 2)
