@@ -67,6 +67,9 @@ def render(
     adopt: bool = False,
     workers: int | None = None,
     gpus: str | None = None,
+    ray: str | None = None,
+    ray_actors: int | None = None,
+    ray_config: str | Path | None = None,
     until: str | None = None,
     max_hours: float | None = None,
     max_kwh: float | None = None,
@@ -86,7 +89,8 @@ def render(
     DiskFullError when the disk fills (finished images are kept). A folder that is not empty and
     not a run, or a run of another recipe name (unless `adopt`), is refused with InputError.
     `gpus` ("all", "0,2") or `workers` (N processes on `device`) render with several worker
-    processes, as the CLI's `--gpus` / `--workers`."""
+    processes, as the CLI's `--gpus` / `--workers`; `ray` ("auto" or the head's "HOST:PORT") renders on
+    a Ray cluster, as `--ray` (`ray_actors`, `ray_config` as `--ray-actors`, `--ray-config`)."""
     from imagegen.render import RenderOptions, render_recipe
     from imagegen.sheets import write_run_sheets
     from imagegen.store import RunStore
@@ -109,7 +113,19 @@ def render(
     budget = Budget.from_options(until=until, max_hours=max_hours, max_kwh=max_kwh)
     options = RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed, batch_size=batch_size,
                             budget=budget, compile=compile)
-    if workers is not None or gpus is not None:
+    if ray is not None:
+        import functools
+
+        from imagegen.clusterconfig import load_cluster_config
+        from imagegen.render.ray_driver import render_with_ray
+
+        if workers is not None or gpus is not None:
+            from imagegen.errors import InputError
+
+            raise InputError("`ray` and `workers`/`gpus`: give one")
+        render_recipe = functools.partial(render_with_ray, address=ray, actors=ray_actors,
+                                          config=load_cluster_config(ray_config) if ray_config else None)
+    elif workers is not None or gpus is not None:
         import functools
 
         from imagegen.render.workers import render_with_workers, worker_devices

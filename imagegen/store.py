@@ -747,11 +747,13 @@ class RunStore:
         with self._transaction():
             self._conn.execute("DELETE FROM claims")
 
-    def register_worker(self, name: str, *, pid: int, device: str) -> None:
+    def register_worker(self, name: str, *, pid: int, device: str, host: str | None = None) -> None:
+        """A worker of this run (`host`: its machine, default this one; a Ray actor's node)."""
         now = time.time()
         self._write("INSERT INTO workers (name, pid, host, device, started_at, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET pid = excluded.pid, device = excluded.device, last_seen = excluded.last_seen",
-                    (name, pid, socket.gethostname(), device, now, now))
+                    "ON CONFLICT(name) DO UPDATE SET pid = excluded.pid, host = excluded.host, device = excluded.device, "
+                    "last_seen = excluded.last_seen",
+                    (name, pid, host or socket.gethostname(), device, now, now))
 
     def set_worker_state(self, name: str, state: str) -> None:
         self._write("UPDATE workers SET state = ? WHERE name = ?", (state, name))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagegen.fsutil import write_atomic
+from imagegen.fsutil import write_bytes_atomic
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -56,10 +56,18 @@ def make_thumbnail(image: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
     return rgb.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=2.0)
 
 
+def thumbnail_jpeg(image: Image.Image, quality: int = THUMB_QUALITY) -> bytes:
+    """`image` (converted to RGB if needed) as JPEG bytes: what `save_thumbnail_atomic` writes."""
+    import io
+
+    buf = io.BytesIO()
+    _to_rgb(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def save_thumbnail_atomic(image: Image.Image, path: Path, quality: int = THUMB_QUALITY) -> None:
     """Save `image` (converted to RGB if needed) as a JPEG at `path`, atomically.
 
     Raises OSError if the folder cannot be written.
     """
-    rgb = _to_rgb(image)
-    write_atomic(Path(path), lambda handle: rgb.save(handle, format="JPEG", quality=quality))
+    write_bytes_atomic(Path(path), thumbnail_jpeg(image, quality))

@@ -120,7 +120,7 @@ class Reporter:
                 left = self.total - finished
                 self.line(f"{finished}/{self.total} ({self.failed} failed), {rate:.2f} img/s, "
                           f"ETA {fmt_eta(left / rate if rate else None)}")
-        elif kind in ("device_wait", "worker_lost"):
+        elif kind in ("device_wait", "worker_lost", "cluster"):
             self.line(event["message"])
         elif kind == "worker_exit" and event.get("error"):
             self.line(f"worker {event['worker']} stopped: {event['error']}")
@@ -234,6 +234,15 @@ def render(
     adopt: bool = typer.Option(False, "--adopt", help="Render into a run folder that belongs to another recipe name, making it this recipe's (its jobs become orphans, its picks comments)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Render with N worker processes on --device (e.g. --workers 2 --device cpu)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker process per GPU: `all` or indices such as 0,2."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="auto|HOST:PORT",
+                                      help="Render on a Ray cluster (the `ray` extra): one actor per GPU of the cluster; "
+                                      "`auto` joins the cluster on this machine or starts a local one."),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", min=1, metavar="N",
+                                             help="With --ray: N actors (CPU actors with --device cpu; default one per GPU, "
+                                             "or one per node on CPU)."),
+    ray_config: Optional[Path] = typer.Option(None, "--ray-config", metavar="FILE",
+                                              help="With --ray: where each node keeps the model files (`models:` path "
+                                              "mappings; see the README)."),
     until: Optional[str] = typer.Option(None, "--until", metavar="HH:MM",
                                         help="Stop before a batch would end after this time of day (local)."),
     max_hours: Optional[float] = typer.Option(None, "--max-hours", metavar="H", help="Stop before a batch would pass H hours."),
@@ -254,19 +263,25 @@ def render(
     if output is not None and len(recipes) > 1:
         raise InputError("`--output` takes one recipe; each recipe has its own `output:`")
     devices = None
-    if workers is not None or gpus is not None:
+    cluster = None
+    if ray is not None or ray_actors is not None or ray_config is not None:
+        cluster = _ray_settings(ray, ray_actors, ray_config, device=device, dtype=dtype, workers=workers, gpus=gpus)
+    elif workers is not None or gpus is not None:
         from imagegen.render.workers import worker_devices
 
         devices = worker_devices(workers=workers, gpus=gpus, device=device)
-    _check_device_dtype(device if devices is None else devices[0], dtype)
-    if devices is not None and (until or max_hours is not None or max_kwh is not None or compile_):
+    if cluster is None:
+        _check_device_dtype(device if devices is None else devices[0], dtype)
+    several = "`--ray`" if cluster is not None else "`--workers`/`--gpus`" if devices is not None else None
+    if several and (until or max_hours is not None or max_kwh is not None or compile_):
         raise InputError("`--until`, `--max-hours`, `--max-kwh` and `--compile` work with a single-process render; "
-                         "they are not supported with `--workers`/`--gpus` yet")
+                         f"they are not supported with {several} yet")
     if max_kwh is not None:
         _check_energy_measured(device)
     resume_cmd = "imagegen " + shlex.join(["render", *map(str, recipes), *_resume_options(
         device=device, dtype=dtype, batch_size=batch_size, retry_failed=retry_failed, wait=wait, fail_fast=fail_fast,
-        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt, verify=verify, workers=workers, gpus=gpus, until=until, max_hours=max_hours,
+        as_json=as_json, output=output, no_sheet=no_sheet, allow_download=allow_download, adopt=adopt, verify=verify, workers=workers, gpus=gpus, ray=ray, ray_actors=ray_actors,
+        ray_config=ray_config, until=until, max_hours=max_hours,
         max_kwh=max_kwh, compile=compile_ is True, no_compile=compile_ is False)])
     invalid = 0
     failed_jobs = 0
@@ -279,6 +294,7 @@ def render(
                     _dry_run(recipe, folder, limit, retry_failed)
                     continue
                 summary = _render_one(recipe, folder, stop, as_json=as_json, wait=wait, no_sheet=no_sheet, adopt=adopt, devices=devices,
+                                      cluster=cluster,
                                       options=RenderOptions(device=device, dtype=dtype, limit=limit, retry_failed=retry_failed,
                                                             batch_size=batch_size, allow_download=allow_download,
                                                             wait_device=wait, budget=budget, compile=compile_, verify=verify))
@@ -323,12 +339,18 @@ def _aborted_says_how_to_resume(resume_cmd: str) -> Iterator[None]:
 
 
 def _render_one(recipe: Any, folder: Path, stop: "StopFlag", *, as_json: bool, wait: bool, no_sheet: bool, options: Any,
-                adopt: bool = False, devices: list[str] | None = None) -> Any:
-    """Render one recipe into its locked run folder (with `devices`: one worker process each),
-    then refresh its contact sheets."""
+                adopt: bool = False, devices: list[str] | None = None, cluster: dict | None = None) -> Any:
+    """Render one recipe into its locked run folder (with `devices`: one worker process each; with
+    `cluster`: on Ray actors), then refresh its contact sheets."""
     from imagegen.render import render_recipe
 
-    if devices is not None:
+    if cluster is not None:
+        import functools
+
+        from imagegen.render.ray_driver import render_with_ray
+
+        render_recipe = functools.partial(render_with_ray, **cluster)
+    elif devices is not None:
         import functools
 
         from imagegen.render.workers import render_with_workers
@@ -359,6 +381,33 @@ def _resume_options(**opts: Any) -> list[str]:
         elif value not in (None, False):
             out += [flag, str(value)]
     return out
+
+
+def _ray_settings(address: str | None, actors: int | None, config: Path | None, *, device: str | None, dtype: str | None,
+                  workers: int | None, gpus: str | None) -> dict:
+    """`render_with_ray`'s arguments from the --ray options, checked before any run folder is
+    touched and without importing Ray or torch. Raises InputError for a combination that does
+    not work (yet), a bad cluster config, or a missing `ray` extra."""
+    if address is None:
+        raise InputError("`--ray-actors` and `--ray-config` go with `--ray auto|HOST:PORT`")
+    if workers is not None or gpus is not None:
+        raise InputError("`--ray` and `--workers`/`--gpus`: give one (`--ray` starts one actor per GPU of the cluster)")
+    if not address.strip():
+        raise InputError("`--ray` takes `auto` or the head node's HOST:PORT (e.g. 192.168.1.10:6379)")
+    kind = (device or "cuda").strip().lower()
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"`--device {device}` with `--ray`: use --device cuda (the default: Ray gives each actor its "
+                         "GPU) or --device cpu (CPU actors)")
+    from imagegen.devices import resolve_dtype
+
+    resolve_dtype(dtype, kind)
+    from imagegen.render.ray_driver import ray_installed
+
+    if not ray_installed():
+        raise InputError("`--ray` needs Ray: pip install 'imagegen[ray]' (on this machine and on every node)")
+    from imagegen.clusterconfig import load_cluster_config
+
+    return {"address": address.strip(), "actors": actors, "config": load_cluster_config(config) if config else None}
 
 
 def _check_device_dtype(device: str | None, dtype: str | None) -> None:

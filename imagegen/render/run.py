@@ -277,9 +277,12 @@ def _switch_loras(engine: Any, batch: list[Job], held: list[tuple]) -> bool:
 
 
 def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callable[[Event], None],
-          open_engine: Callable[..., Any] | None, hold: contextlib.ExitStack) -> tuple[Any, dict[str, str | None]]:
+          open_engine: Callable[..., Any] | None, hold: contextlib.ExitStack, *,
+          local: Callable[[str], str] = lambda path: path,
+          hashes: dict[str, str | None] | None = None) -> tuple[Any, dict[str, str | None]]:
     """Check every LoRA against the model family, hash the files, take the device's lock (one
-    renderer per GPU: `imagegen.devicelock`), load the model once."""
+    renderer per GPU: `imagegen.devicelock`), load the model once. A Ray actor passes `local`
+    (a file's path on its node, from the job's path) and the driver's `hashes`."""
     from imagegen.engine import check_lora
     from imagegen.engine import open_engine as default_open
 
@@ -287,8 +290,8 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
     family = recipe.family if recipe.family != "auto" else None
     lora_files = sorted({lu.path for j in pending for lu in j.loras})
     for path in lora_files if family else ():
-        check_lora(path, family)
-    hashes = file_hashes(pending)
+        check_lora(local(path), family)
+    hashes = file_hashes(pending) if hashes is None else hashes
     if open_engine is None:  # a real engine: the GPU is ours until the render ends (a caller that
         # passes its own open_engine, like the serve queue, holds the device lock itself)
         from imagegen.devicelock import device_lock
@@ -297,12 +300,13 @@ def _load(recipe: Recipe, pending: list[Job], opts: RenderOptions, emit: Callabl
         hold.enter_context(device_lock(resolve_device(opts.device), wait=opts.wait_device,
                                        on_wait=lambda message: emit({"event": "device_wait", "message": message})))
     emit({"event": "loading", "model": recipe.checkpoint})
-    engine = (open_engine or default_open)(recipe.checkpoint, family=recipe.family, vae=recipe.vae, device=opts.device,
+    engine = (open_engine or default_open)(local(recipe.checkpoint), family=recipe.family,
+                                           vae=local(recipe.vae) if recipe.vae else recipe.vae, device=opts.device,
                                            dtype=opts.dtype, allow_download=opts.allow_download)
     for path in lora_files if not family else ():
-        check_lora(path, engine.family)
+        check_lora(local(path), engine.family)
     if recipe.embeddings and hasattr(engine, "set_embeddings"):
-        engine.set_embeddings(recipe.embeddings)
+        engine.set_embeddings([local(e) for e in recipe.embeddings])
     return engine, hashes
 
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -199,24 +200,46 @@ def encode_png(image: Any, parameters: str, provenance: dict) -> bytes:
     return buf.getvalue()
 
 
-def _write_job(store: RunStore, job: Job, image: Any, parameters: str, provenance: dict,
-               first: tuple[Any, str] | None = None) -> tuple[Path, str, Path]:
-    """Writer thread: PNG with metadata and its thumbnail, both atomic. Returns (png, sha256, thumb).
+@dataclass
+class EncodedImage:
+    """One finished image as bytes, ready to write: the PNG with its metadata, its sha256, the
+    thumbnail JPEG, and a hires job's first-pass PNG. Made where the image was generated (a writer
+    thread here, a Ray actor on another machine) and written by `write_encoded`."""
 
-    `first` (image, parameters) is a hires job's first pass, written before the final image to
-    `first/` under the same name (so a final image on disk always has its first pass)."""
-    from imagegen.thumbs import make_thumbnail, save_thumbnail_atomic
+    png: bytes
+    sha256: str
+    thumb: bytes
+    first: bytes | None = None
 
-    if first is not None:
+
+def encode_job(image: Any, parameters: str, provenance: dict, first: tuple[Any, str] | None = None) -> EncodedImage:
+    """Encode a job's image (and `first`: a hires job's first pass, (image, parameters)) as bytes."""
+    from imagegen.thumbs import make_thumbnail, thumbnail_jpeg
+
+    first_png = encode_png(first[0], first[1], {**provenance, "first_pass": True}) if first is not None else None
+    data = encode_png(image, parameters, provenance)
+    return EncodedImage(data, hashlib.sha256(data).hexdigest(), thumbnail_jpeg(make_thumbnail(image)), first_png)
+
+
+def write_encoded(store: RunStore, job: Job, encoded: EncodedImage) -> tuple[Path, str, Path]:
+    """Writer thread: the PNG and its thumbnail, each atomic. Returns (png, sha256, thumb). A hires
+    job's first pass goes to `first/` under the same name, before the final image (so a final
+    image on disk always has its first pass)."""
+    if encoded.first is not None:
         folder = store.folder / FIRST_FOLDER
         folder.mkdir(exist_ok=True)
-        write_bytes_atomic(folder / image_name(job.index, job.id), encode_png(first[0], first[1], {**provenance, "first_pass": True}))
-    data = encode_png(image, parameters, provenance)
+        write_bytes_atomic(folder / image_name(job.index, job.id), encoded.first)
     path = store.images / image_name(job.index, job.id)
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, encoded.png)
     thumb = store.thumbs / thumb_name(job.index, job.id)
-    save_thumbnail_atomic(make_thumbnail(image), thumb)
-    return path, hashlib.sha256(data).hexdigest(), thumb
+    write_bytes_atomic(thumb, encoded.thumb)
+    return path, encoded.sha256, thumb
+
+
+def _write_job(store: RunStore, job: Job, image: Any, parameters: str, provenance: dict,
+               first: tuple[Any, str] | None = None) -> tuple[Path, str, Path]:
+    """Writer thread: encode, then write (`encode_job`, `write_encoded`)."""
+    return write_encoded(store, job, encode_job(image, parameters, provenance, first))
 
 
 ADDNET = "addnet:"  # `file_hashes` key prefix of a LoRA's AddNet hash (what A1111's `Lora hashes` shows)
@@ -259,6 +282,11 @@ class ImageWriter:
         `joules`: its measured energy for the manifest (None = not measured)."""
         self._inflight.append((job, seconds, self._pool.submit(_write_job, self.store, job, image, parameters, provenance, first),
                                joules))
+
+    def submit_encoded(self, job: Job, encoded: EncodedImage, seconds: float, joules: float | None = None) -> None:
+        """Queue an image encoded elsewhere (`encode_job` in a Ray actor) for writing; recorded
+        by `harvest` exactly as a `submit`ted one."""
+        self._inflight.append((job, seconds, self._pool.submit(write_encoded, self.store, job, encoded), joules))
 
     def harvest(self, block: bool, backlog: int = 0) -> None:
         """Record finished writes in order; with `block`, wait for all. Also waits while more than
