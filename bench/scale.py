@@ -2,12 +2,17 @@
 
     PYTHONPATH=$PWD python bench/scale.py [--workers 1,2] [--jobs 32] [--size 128] [--steps 10]
                                           [--model builtin:tiny-sd15] [--device cpu | --gpus all]
+                                          [--ray auto|HOST:PORT]
 
 Each count renders the same recipe (batch 1) into a fresh run folder through
 `render_with_workers`, the code path of `imagegen render --workers N` / `--gpus`. Reported per
 count: render img/s (first model loaded to last image written, as the finish line shows), wall
 seconds including process start and model loads, each worker's share, and whether the images
 equal the first count's (they must: same seeds, same code path).
+
+With `--ray`, each count is a number of Ray actors (`render_with_ray`, the path of `imagegen
+render --ray`; CPU actors with --device cpu, else GPU actors); the connection is made once,
+before the first count, so the wall time holds the actors' start and model loads, not Ray's.
 
 On CPU, N workers split the machine's cores (`torch.set_num_threads(cores // N)` each), so the
 ratio is bounded by the cores: on a 2-core machine two workers can at best match one worker that
@@ -60,9 +65,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model", default="builtin:tiny-sd15")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per CPU worker (default: cores // workers)")
+    ap.add_argument("--ray", default=None, metavar="auto|HOST:PORT", help="Ray actors instead of worker processes")
     args = ap.parse_args()
+    connected = False
+    if args.ray:
+        from imagegen.render.ray_driver import connect
 
-    if args.gpus:
+        ray, connected = connect(args.ray)
+
+    if args.ray:
+        counts = [(n, [args.device] * n) for n in map(int, args.workers.split(","))]
+    elif args.gpus:
         all_devices = worker_devices(gpus=args.gpus)
         counts = [(1, all_devices[:1]), (len(all_devices), all_devices)]
     else:
@@ -73,14 +86,20 @@ def main() -> None:
         recipe = load_recipe(path)
         print(f"{args.jobs} jobs, {args.model}, {args.size}x{args.size}, {args.steps} steps, batch 1; "
               f"{os.cpu_count()} CPU cores visible")
-        print(f"{'workers':>7} {'devices':<24} {'img/s':>7} {'wall s':>7}  per worker (rendered)  same images")
+        print(f"{'actors' if args.ray else 'workers':>7} {'devices':<24} {'img/s':>7} {'wall s':>7}  per worker (rendered)  same images")
         first: dict[str, str] | None = None
         base = None
         for n, devices in counts:
             folder = Path(tmp) / f"run-{n}"
             t0 = time.monotonic()
             with RunStore.open(folder) as store:
-                s = render_with_workers(recipe, store, devices, options=RenderOptions(batch_size=1), threads=args.threads)
+                if args.ray:
+                    from imagegen.render.ray_driver import render_with_ray
+
+                    s = render_with_ray(recipe, store, address=args.ray, actors=n,
+                                        options=RenderOptions(device=args.device, batch_size=1))
+                else:
+                    s = render_with_workers(recipe, store, devices, options=RenderOptions(batch_size=1), threads=args.threads)
                 shares = ", ".join(f"{w['name']} {w['rendered']}" for w in store.workers())
             wall = time.monotonic() - t0
             images = digest(folder)
@@ -89,6 +108,10 @@ def main() -> None:
             ratio = f" (x{s.images_per_second / base:.2f})" if base else ""
             print(f"{n:>7} {','.join(sorted(set(devices))) + f' x{n}':<24} {s.images_per_second:>7.2f} {wall:>7.1f}  "
                   f"{shares:<22} {images == first}{ratio}")
+
+
+    if connected:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

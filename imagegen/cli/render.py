@@ -468,7 +468,8 @@ def status(
             typer.echo(f"  last error: job {e['index']} ({e['id']}): {e['error']}")
         for w in s.get("workers", ()):
             wrate = f"{w['rate']:.2f} img/s" if w["rate"] else "n/a"
-            typer.echo(f"  worker {w['name']} ({w['device']}, pid {w['pid']}): {w['state']}, {w['rendered']} rendered, {wrate}")
+            typer.echo(f"  worker {w['name']} ({w['device']} on {w['host']}, pid {w['pid']}): {w['state']}, {w['rendered']} rendered, "
+                       f"{wrate}")
         for o in s["orphans"][:10]:
             typer.echo(f"  orphaned (no longer in the recipe, kept): {o['id']} {o['file'] or '(no image)'}")
         if len(s["orphans"]) > 10:

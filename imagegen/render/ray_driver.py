@@ -59,6 +59,11 @@ def ray_installed() -> bool:
 def import_ray() -> Any:
     """Ray, imported with usage statistics off. Raises InputError when it is not installed."""
     os.environ.update(PRIVATE_ENV)  # Ray reads it when imported and when it starts a cluster
+    if "RAY_AUTH_MODE" not in os.environ and _has_auth_token():
+        # `ray start` turns token authentication on when a token exists (`ray get-auth-token
+        # --generate`); a driver has to ask for it itself, before the import (Ray reads it then).
+        # A cluster without authentication still lets such a driver in.
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
@@ -89,6 +94,15 @@ def connect(address: str) -> tuple[Any, bool]:
             except ValueError:  # not the main thread: Ray did not install one either
                 pass
     return ray, True
+
+
+def _has_auth_token() -> bool:
+    """Whether Ray would find an authentication token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token)."""
+    from pathlib import Path
+
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
 
 
 @dataclass
@@ -340,7 +354,10 @@ def _drive(ray: Any, recipe: Recipe, store: RunStore, run: Any, hashes: dict, pl
         try:
             value = ray.get(ref)
         except RayError as exc:
-            lost(actor, _ray_reason(exc))
+            if getattr(exc, "actor_init_failed", False):  # the node cannot even import the actor
+                refuse(actor, _init_failure(exc))
+            else:
+                lost(actor, _ray_reason(exc))
             return
         if flight.kind == "hello":
             actor.host, actor.pid = value["host"], value["pid"]
@@ -476,8 +493,28 @@ def _drive(ray: Any, recipe: Recipe, store: RunStore, run: Any, hashes: dict, pl
     return summary
 
 
+def _init_failure(exc: BaseException) -> str:
+    """One line for an actor that could not start on its node (imagegen or a library missing there)."""
+    import re
+
+    text = str(exc)
+    ip = re.search(r"\bip=([0-9a-fA-F.:]+)", text)
+    errors = [line.strip() for line in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", line)]
+    cause = errors[-1] if errors else " ".join(text.split())[:200]
+    where = f"node {ip.group(1)}" if ip else "a node"
+    return (f"{where}: the imagegen actor cannot start ({cause}); install imagegen {__version__} with the same "
+            "libraries as the driver on every node")
+
+
 def _ray_reason(exc: BaseException) -> str:
-    """Why a Ray call failed, in a few words (the actor died, its node went away, ...)."""
+    """Why a Ray call failed, in a few words ("its node has died", "killed with ray.kill", ...)."""
+    import re
+
     text = " ".join(str(exc).split())
+    because = re.search(r"died because ([^.]*)", text)
+    if because:
+        return because.group(1)
+    if "ray.kill" in text:
+        return "killed with ray.kill"
     name = type(exc).__name__
-    return f"{name}: {text[:240]}" if text else name
+    return f"{name}: {text[:200]}" if text else name
