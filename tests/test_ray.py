@@ -86,6 +86,19 @@ def test_actor_plans():
         plan_actors({"GPU": 2, "CPU": 8}, 1, "cuda", 3)
 
 
+def test_why_an_actor_stopped_reads_in_a_few_words():
+    from imagegen.render.ray_driver import _init_failure, _ray_reason
+
+    died = RuntimeError("The actor died unexpectedly before finishing this task. class_name: RenderActor "
+                        "The actor died because its node has died. Node Id: 1f2e")
+    assert _ray_reason(died) == "its node has died"
+    not_there = RuntimeError("The actor died because of an error raised in its creation task, ray::r0 (pid=5, "
+                             "ip=10.0.0.7, actor_id=ab)\n  File x\nModuleNotFoundError: No module named 'imagegen'")
+    line = _init_failure(not_there)
+    assert line.startswith("node 10.0.0.7: the imagegen actor cannot start (ModuleNotFoundError: No module named")
+    assert "\n" not in line and "install imagegen" in line
+
+
 def test_combinations_that_do_not_work_are_refused_with_one_line(tmp_path, capsys):
     from imagegen.cli import run_app
 

@@ -34,12 +34,11 @@ from typing import Any, Callable
 
 from imagegen import __version__
 from imagegen.clusterconfig import ClusterConfig
-from imagegen.errors import ImagegenError, InputError, disk_full, is_disk_full
+from imagegen.errors import ImagegenError, InputError, disk_full
 from imagegen.metadata import stoppable
 from imagegen.recipe import Recipe
-from imagegen.render.prepare import prepare_run
 from imagegen.render.run import Event, RenderOptions, RenderSummary, _summary_event
-from imagegen.render.workers import LEASE_SECONDS, group_name
+from imagegen.render.workers import LEASE_SECONDS, group_name, start_run
 from imagegen.store import RunStore
 
 PRIVATE_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}  # Ray's usage statistics off: set before import and in every actor
@@ -184,22 +183,8 @@ def render_with_ray(
     config = config or ClusterConfig()
     started = time.monotonic()
 
-    def emit(event: Event) -> None:
-        event = {"ts": round(time.time(), 3), **event}
-        try:
-            store.log(event)
-        except OSError:
-            pass
-        on_event(event)
-
     # 1. Plan, and make the run folder agree with it; nothing to render: Ray is not even started.
-    try:
-        run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit, verify=opts.verify)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full(store.folder, exc.filename or "writing") from None
-        raise
-    summary = RenderSummary(recipe.name, str(store.folder), len(run.jobs), already_done=run.start_event["done"], left=run.left)
+    emit, run, summary = start_run(recipe, store, opts, on_event)
     if not run.pending:
         emit(run.start_event)
         summary.seconds = time.monotonic() - started

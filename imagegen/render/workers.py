@@ -82,6 +82,30 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def start_run(recipe: Recipe, store: RunStore, opts: RenderOptions,
+              on_event: Callable[[Event], None]) -> tuple[Callable[[Event], None], Any, RenderSummary]:
+    """The first steps of a render with several workers (processes or Ray actors): an `emit` that
+    stamps each event and logs it to log.jsonl before `on_event`, the prepared run
+    (`prepare_run`) and its summary. Raises DiskFullError for a full disk."""
+
+    def emit(event: Event) -> None:
+        event = {"ts": round(time.time(), 3), **event}
+        try:
+            store.log(event)
+        except OSError:
+            pass
+        on_event(event)
+
+    try:
+        run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit, verify=opts.verify)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(store.folder, exc.filename or "writing") from None
+        raise
+    summary = RenderSummary(recipe.name, str(store.folder), len(run.jobs), already_done=run.start_event["done"], left=run.left)
+    return emit, run, summary
+
+
 @dataclass
 class WorkerArgs:
     """What a spawned worker needs (pickled to it)."""
@@ -130,22 +154,7 @@ def render_with_workers(
         raise InputError("`render.compile` (the recipe or the defaults file) works with a single-process render; "
                          "not with `--workers`/`--gpus` yet: pass --no-compile to render eager with workers")
     started = time.monotonic()
-
-    def emit(event: Event) -> None:
-        event = {"ts": round(time.time(), 3), **event}
-        try:
-            store.log(event)
-        except OSError:
-            pass
-        on_event(event)
-
-    try:
-        run = prepare_run(recipe, store, retry_failed=opts.retry_failed, limit=opts.limit, verify=opts.verify)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full(store.folder, exc.filename or "writing") from None
-        raise
-    summary = RenderSummary(recipe.name, str(store.folder), len(run.jobs), already_done=run.start_event["done"], left=run.left)
+    emit, run, summary = start_run(recipe, store, opts, on_event)
     emit({**run.start_event, "workers": len(devices)})
     if not run.pending:
         summary.seconds = time.monotonic() - started
