@@ -41,6 +41,8 @@ steps: 3
 batch_size: 1
 loras:
   - {path: loras/style.safetensors, weight: 0.5}
+init_image: photos/a.png
+denoise: 0.7
 output: run
 """
 
@@ -74,6 +76,44 @@ def test_cluster_config_format_and_its_errors(tmp_path):
             load_cluster_config(cfg)
     with pytest.raises(InputError, match="cluster config not found"):
         load_cluster_config(tmp_path / "nope.yaml")
+
+
+def test_an_actor_reads_photos_and_model_files_from_its_nodes_paths(tmp_path):
+    from photo_fixtures import product_photo
+
+    from imagegen.engine import GenRequest, HiresRequest
+    from imagegen.engine.controlnet import ControlRequest
+    from imagegen.plan import plan
+    from imagegen.render.ray_actor import NodeEngine, NodePhotos, input_hashes
+
+    (tmp_path / "photos").mkdir()
+    product_photo((32, 32))[0].save(tmp_path / "photos" / "a.png")
+    (tmp_path / "r.yaml").write_text("name: p\nmodel:\n  checkpoint: builtin:tiny-sd15\nprompt: a cup\nsize: 32x32\n"
+                                     "steps: 2\ninit_image: photos/a.png\ndenoise: 0.5\noutput: run\n")
+    job = plan(load_recipe(tmp_path / "r.yaml"))[0]
+    mapping = {str(tmp_path / "photos"): "/node/pics", "/models": "/srv/models"}
+    local = lambda p: map_path(p, mapping)  # noqa: E731
+    assert NodePhotos(local)._mapped(job).input.photo == "/node/pics/a.png"
+    assert input_hashes([job]) == {str(tmp_path / "photos" / "a.png"): job.input.photo_sha256}
+
+    class Seen:  # records what the engine was asked for
+        model_name, asked = "m", []
+
+        def set_loras(self, loras):
+            self.asked.append(loras)
+
+        def generate(self, requests):
+            self.asked.append(requests)
+
+    inner = Seen()
+    engine = NodeEngine(inner, local, "/models/sd/m.safetensors")
+    engine.set_loras([("/models/l.safetensors", 0.5)])
+    engine.generate([GenRequest("a", "", 1, 32, 32, 2, 5.0, "Euler", hires=HiresRequest(64, 64, "/models/x4.pth", 0.5, 2, "Euler"),
+                                controlnet=(ControlRequest("/models/cn.safetensors", None),))])
+    assert inner.asked[0] == [("/srv/models/l.safetensors", 0.5)]
+    r = inner.asked[1][0]
+    assert (r.hires.upscaler, r.controlnet[0].model) == ("/srv/models/x4.pth", "/srv/models/cn.safetensors")
+    assert engine.model_name == "m"  # the driver's name (the file's stem), wherever the node keeps it
 
 
 def test_actor_plans():
@@ -156,14 +196,17 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """The recipe (24 jobs, one LoRA) and its images from a one-process render."""
+    """The recipe (24 img2img jobs from one photo, one LoRA) and its images from a one-process render."""
     from engine_fixtures import make_tiny_lora
+    from photo_fixtures import product_photo
 
     import torch
 
     folder = tmp_path_factory.mktemp("ray")
     (folder / "loras").mkdir()
     make_tiny_lora(folder / "loras" / "style.safetensors", "sd15", seed=3)
+    (folder / "photos").mkdir()
+    product_photo((64, 64))[0].save(folder / "photos" / "a.png")
     path = folder / "r.yaml"
     path.write_text(textwrap.dedent(RECIPE))
     threads = torch.get_num_threads()
@@ -199,10 +242,11 @@ def assert_same_images(run: Path, reference: dict[str, np.ndarray]) -> None:
 @needs_ray
 def test_two_ray_actors_render_the_same_pixels_as_one_process(cluster, work, tmp_path):
     path, reference = work
-    node = tmp_path / "node-loras"  # this node keeps the LoRA elsewhere: the `models:` mapping finds it
-    node.mkdir()
-    shutil.copy(path.parent / "loras" / "style.safetensors", node / "style.safetensors")
-    config = ClusterConfig(nodes={HOST: {str(path.parent / "loras"): str(node)}})
+    node = tmp_path / "node"  # this node keeps the LoRA and the photo elsewhere: the mapping finds them
+    shutil.copytree(path.parent / "loras", node / "loras")
+    shutil.copytree(path.parent / "photos", node / "pictures")
+    config = ClusterConfig(nodes={HOST: {str(path.parent / "loras"): str(node / "loras"),
+                                         str(path.parent / "photos"): str(node / "pictures")}})
     events: list[dict] = []
     with RunStore.open(tmp_path / "run") as store:
         summary = render_with_ray(load_recipe(path), store, actors=2, config=config, on_event=events.append,
@@ -221,6 +265,8 @@ def test_two_ray_actors_render_the_same_pixels_as_one_process(cluster, work, tmp
     with Image.open(next((tmp_path / "run" / "images").glob("*.png"))) as im:  # the driver's paths in the metadata
         prov = json.loads(im.text["imagegen"])
     assert prov["loras"][0]["path"] == str(path.parent / "loras" / "style.safetensors")
+    assert prov["input"]["photo"] == str(path.parent / "photos" / "a.png")
+    assert (tmp_path / "run" / "thumbs" / "inputs").is_dir()  # the photo beside its renders on the sheets
 
 
 @needs_ray
@@ -285,6 +331,7 @@ def test_a_killed_driver_resumes_from_the_manifest(cluster, work, tmp_path):
     path, reference = work
     recipe = tmp_path / "r.yaml"
     shutil.copytree(path.parent / "loras", tmp_path / "loras")
+    shutil.copytree(path.parent / "photos", tmp_path / "photos")
     recipe.write_text(path.read_text())
     cmd = [sys.executable, "-m", "imagegen", "render", str(recipe), "--ray", "auto", "--device", "cpu", "--ray-actors", "2",
            "--json", "--no-sheet"]

@@ -48,9 +48,27 @@ class LoadSpec:
     threads: int | None = None  # torch CPU threads of a CPU actor (its share of the node's cores)
 
 
+def input_hashes(jobs: list[Job]) -> dict[str, str | None]:
+    """The input photos, masks and control images of `jobs` with the sha256 their plan recorded."""
+    from imagegen.inputs import ALPHA
+
+    out: dict[str, str | None] = {}
+    for job in jobs:
+        ji = job.input
+        if ji is not None:
+            out[ji.photo] = ji.photo_sha256
+            if ji.mask is not None and ji.mask != ALPHA:
+                out[ji.mask] = ji.mask_sha256
+        for c in job.controlnet:
+            if c.image:
+                out[c.image] = c.image_sha256
+    return out
+
+
 def check_files(hashes: dict[str, str | None], local: Callable[[str], str], host: str) -> None:
-    """Every file the driver hashed is on this node with the driver's sha256 (cached per file by
-    size and mtime, `metadata.sha256_file`). Raises InputError naming the node and the file."""
+    """Every file the driver hashed (models, LoRAs, ... and the jobs' input images) is on this
+    node with the driver's sha256 (cached per file by size and mtime, `metadata.sha256_file`).
+    Raises InputError naming the node and the file."""
     from imagegen.metadata import sha256_file
     from imagegen.render.writer import ADDNET
 
@@ -69,9 +87,9 @@ def check_files(hashes: dict[str, str | None], local: Callable[[str], str], host
 
 
 class NodeEngine:
-    """An engine whose callers name files by the driver's paths: LoRA sets and a hires pass's
-    upscaler file are read from this node's paths; `model_name` is the driver's (the infotext
-    of an image does not depend on where the node keeps the checkpoint)."""
+    """An engine whose callers name files by the driver's paths: LoRA sets, a hires pass's
+    upscaler file and ControlNet models are read from this node's paths; `model_name` is the
+    driver's (the infotext of an image does not depend on where the node keeps the checkpoint)."""
 
     def __init__(self, engine: Any, local: Callable[[str], str], checkpoint: str) -> None:
         self._engine = engine
@@ -87,10 +105,43 @@ class NodeEngine:
         self._engine.set_loras([(self._local(path), weight) for path, weight in loras])
 
     def generate(self, requests: Any) -> Any:
-        local = self._local
-        return self._engine.generate([
-            dataclasses.replace(r, hires=dataclasses.replace(r.hires, upscaler=local(r.hires.upscaler)))
-            if r.hires is not None else r for r in requests])
+        local, replace = self._local, dataclasses.replace
+
+        def mapped(r: Any) -> Any:
+            if r.hires is not None:
+                r = replace(r, hires=replace(r.hires, upscaler=local(r.hires.upscaler)))
+            if r.controlnet:
+                r = replace(r, controlnet=tuple(replace(c, model=local(c.model)) for c in r.controlnet))
+            return r
+
+        return self._engine.generate([mapped(r) for r in requests])
+
+
+class NodePhotos:
+    """The render's `PhotoCache`, reading each job's photo, mask and control images from this
+    node's paths (their sha256 is checked as on the driver)."""
+
+    def __init__(self, local: Callable[[str], str]) -> None:
+        from imagegen.render.photos import PhotoCache
+
+        self._cache = PhotoCache()
+        self._local = local
+
+    def _mapped(self, job: Job) -> Any:
+        from imagegen.inputs import ALPHA
+        from imagegen.render.photos import PhotoJob
+
+        local, replace, ji = self._local, dataclasses.replace, job.input
+        if ji is not None:
+            ji = replace(ji, photo=local(ji.photo), mask=local(ji.mask) if ji.mask not in (None, ALPHA) else ji.mask)
+        units = tuple(replace(c, image=local(c.image)) if c.image else c for c in job.controlnet)
+        return PhotoJob(ji, units, job.width, job.height, job.hires)
+
+    def init_request(self, job: Job) -> Any:
+        return self._cache.init_request(self._mapped(job))
+
+    def control_requests(self, job: Job) -> tuple:
+        return self._cache.control_requests(self._mapped(job))
 
 
 class RenderActor:
@@ -130,10 +181,13 @@ class RenderActor:
                 import torch
 
                 torch.set_num_threads(spec.threads)
-            check_files(spec.hashes, local, self.host)
+            check_files({**spec.hashes, **input_hashes(spec.jobs)}, local, self.host)
             engine, _ = _load(spec.recipe, spec.jobs, spec.options, events.append, None, self._hold, local=local,
                               hashes=spec.hashes)
             self.engine = NodeEngine(engine, local, spec.recipe.checkpoint) if mapping else engine
+            from imagegen.render.photos import PhotoCache
+
+            self.photos = NodePhotos(local) if mapping else PhotoCache()
             self.recipe, self.hashes = spec.recipe, spec.hashes
             from imagegen.energy import meter_for
 
@@ -177,7 +231,7 @@ class RenderActor:
                         self._key = batch[0].group_key
                     _render_batch(batch, self.recipe, self.engine, self.hashes, batches, sink,
                                   lambda job, error, seconds: failed.append((job, error, seconds)), events.append,
-                                  self._scheduler_configs, self.meter, lambda *measurement: None)
+                                  self._scheduler_configs, self.meter, lambda *measurement: None, self.photos)
                 batch_size = batches.batch_size
             generated = time.monotonic() - started
             results = [{"id": job.id, "encoded": encode_job(image, params, prov, first), "seconds": seconds,

@@ -191,7 +191,12 @@ def render_with_ray(
         emit({"event": "finish", **_summary_event(summary)})
         return summary
 
-    # 2. The driver's sha256 of every file: each actor's copy must match it.
+    from imagegen.render.photos import write_input_thumbs
+
+    write_input_thumbs(store.thumbs, run.jobs)  # the sheets show each photo beside its renders
+
+    # 2. The driver's sha256 of every file: each actor's copy must match it (input photos: their
+    # sha256 is in the jobs already).
     from imagegen.render.writer import file_hashes
 
     with stoppable(should_stop):
