@@ -264,7 +264,6 @@ def _drive(ray: Any, recipe: Recipe, store: RunStore, run: Any, hashes: dict, pl
     def written(job: Any, seconds: float, path: Any) -> None:
         nonlocal last_image
         name = owner.pop(job.id, "")
-        store.release([job.id], name)
         summary.rendered += 1
         last_image = time.monotonic()
         for a in crew:
@@ -396,6 +395,9 @@ def _drive(ray: Any, recipe: Recipe, store: RunStore, run: Any, hashes: dict, pl
                 seen.add(r["id"])
                 owner[r["id"]] = actor.name
                 writer.submit_encoded(by_id[r["id"]], r["encoded"], r["seconds"], r["joules"])
+            # The images are the driver's now: out of the queue, so that an actor lost before they
+            # are written does not hand them to another one.
+            store.release([r["id"] for r in value["results"]], actor.name)
             for f in value["failed"]:
                 if f["id"] not in seen:
                     seen.add(f["id"])
