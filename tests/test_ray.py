@@ -159,6 +159,10 @@ def test_combinations_that_do_not_work_are_refused_with_one_line(tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (extra, err)
     assert not (tmp_path / "run").exists()
+    compiled = tmp_path / "c.yaml"
+    compiled.write_text(recipe.read_text().replace("output: run", "output: run-c\nrender:\n  compile: true"))
+    assert run_app(["render", str(compiled), "--ray", "auto", "--no-sheet"]) == 2
+    assert "not with `--ray` yet: pass --no-compile" in capsys.readouterr().err
 
 
 def test_help_validate_and_plan_never_import_ray():

@@ -37,7 +37,7 @@ from imagegen.clusterconfig import ClusterConfig
 from imagegen.errors import ImagegenError, InputError, disk_full
 from imagegen.metadata import stoppable
 from imagegen.recipe import Recipe
-from imagegen.render.run import Event, RenderOptions, RenderSummary, _summary_event
+from imagegen.render.run import Event, RenderOptions, RenderSummary, _summary_event, compile_wanted
 from imagegen.render.workers import LEASE_SECONDS, group_name, start_run
 from imagegen.store import RunStore
 
@@ -180,6 +180,9 @@ def render_with_ray(
     or differing from the driver's, another imagegen version); ImagegenError when every actor
     died with jobs left."""
     opts = options or RenderOptions()
+    if compile_wanted(recipe, opts):  # never silently eager: actors do not compile yet
+        raise InputError("`render.compile` (the recipe or the defaults file) works with a single-process render; "
+                         "not with `--ray` yet: pass --no-compile to render eager on Ray actors")
     config = config or ClusterConfig()
     started = time.monotonic()
 
