@@ -70,4 +70,9 @@ def save_thumbnail_atomic(image: Image.Image, path: Path, quality: int = THUMB_Q
 
     Raises OSError if the folder cannot be written.
     """
-    write_bytes_atomic(Path(path), thumbnail_jpeg(image, quality))
+    write_thumbnail(thumbnail_jpeg(image, quality), path)
+
+
+def write_thumbnail(jpeg: bytes, path: Path) -> None:
+    """Write a thumbnail's JPEG bytes (`thumbnail_jpeg`, made elsewhere) at `path`, atomically."""
+    write_bytes_atomic(Path(path), jpeg)

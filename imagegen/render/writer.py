@@ -225,6 +225,8 @@ def write_encoded(store: RunStore, job: Job, encoded: EncodedImage) -> tuple[Pat
     """Writer thread: the PNG and its thumbnail, each atomic. Returns (png, sha256, thumb). A hires
     job's first pass goes to `first/` under the same name, before the final image (so a final
     image on disk always has its first pass)."""
+    from imagegen.thumbs import write_thumbnail
+
     if encoded.first is not None:
         folder = store.folder / FIRST_FOLDER
         folder.mkdir(exist_ok=True)
@@ -232,7 +234,7 @@ def write_encoded(store: RunStore, job: Job, encoded: EncodedImage) -> tuple[Pat
     path = store.images / image_name(job.index, job.id)
     write_bytes_atomic(path, encoded.png)
     thumb = store.thumbs / thumb_name(job.index, job.id)
-    write_bytes_atomic(thumb, encoded.thumb)
+    write_thumbnail(encoded.thumb, thumb)
     return path, encoded.sha256, thumb
 
 
