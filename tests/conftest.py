@@ -34,3 +34,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# One engine per built-in model per test module (module scope, as each file had it): the engine
+# tests of several files share these instead of each defining its own copies.
+def _cpu_engine(name: str):
+    from imagegen.engine import open_engine
+
+    return open_engine(name, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    """builtin:tiny-sd15 on the CPU."""
+    return _cpu_engine("builtin:tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    """builtin:tiny-sdxl on the CPU."""
+    return _cpu_engine("builtin:tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """builtin:demo-sd15 (the trained demo model) on the CPU."""
+    return _cpu_engine("builtin:demo-sd15")

@@ -17,10 +17,6 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    return open_engine("builtin:tiny-sd15", device="cpu")
-
 
 def req(seed=1, size=(64, 64), steps=4) -> GenRequest:
     return GenRequest("a photo of a cat", "", seed, size[0], size[1], steps, 6.0, "Euler a")

@@ -18,14 +18,6 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    return open_engine("builtin:tiny-sd15", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return open_engine("builtin:tiny-sdxl", device="cpu")
 
 
 @pytest.fixture(params=["sd15", "sdxl"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagegen.engine import GenRequest, HiresRequest, open_engine
+from imagegen.engine import GenRequest, HiresRequest
 from imagegen.engine.hires import img2img_schedule
 from imagegen.errors import InputError
 
@@ -19,14 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT, NEG, STEPS, CFG, SCHED = "a red cube on a table", "blurry", 3, 5.0, "Euler a"
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    return open_engine("builtin:tiny-sd15", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return open_engine("builtin:tiny-sdxl", device="cpu")
 
 
 def reqs(hr: HiresRequest, seeds=(3, 4)) -> list[GenRequest]:
@@ -111,10 +103,6 @@ def test_bad_hires_requests_are_refused(sd15):
     with pytest.raises(InputError, match="must share `hires`"):
         sd15.generate([GenRequest(PROMPT, NEG, 1, 64, 64, STEPS, CFG, SCHED), *reqs(HiresRequest(96, 96, "latent", 0.5, 2, "Euler a"))])
 
-
-@pytest.fixture(scope="module")
-def demo():
-    return open_engine("builtin:demo-sd15", device="cpu")
 
 
 @pytest.mark.parametrize("upscaler", ["lanczos", "latent"])

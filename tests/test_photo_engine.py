@@ -25,19 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT, NEG, CFG = "a red bottle on a marble table", "blurry", 5.0
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    return open_engine("builtin:tiny-sd15", device="cpu")
 
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return open_engine("builtin:tiny-sdxl", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return open_engine("builtin:demo-sd15", device="cpu")
 
 
 @pytest.fixture(scope="module")
