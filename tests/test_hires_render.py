@@ -163,7 +163,9 @@ def test_kill_9_in_a_hires_batch_then_resume(tmp_path):
     ref_dir.mkdir()
     work.mkdir()
     ref, recipe = write(ref_dir, hires, batch=2), write(work, hires, batch=2)
-    text = recipe.read_text().replace("seeds: [5, 6]", "seeds: [5, 6, 7, 8]")
+    # 16 jobs, 8 batches of 2: enough work left for the kills even on an idle machine where a tiny batch
+    # takes a fraction of a second (with 4 batches the run could finish before a second kill).
+    text = recipe.read_text().replace("seeds: [5, 6]", f"seeds: {list(range(5, 13))}")
     recipe.write_text(text)
     ref.write_text(text)
     assert subprocess.run([sys.executable, "-m", "imagegen", "render", str(ref), "--no-sheet"], cwd=ref_dir,
@@ -184,7 +186,7 @@ def test_kill_9_in_a_hires_batch_then_resume(tmp_path):
         target, end = logged() + 1, time.monotonic() + 600
         while proc.poll() is None and logged() < target and time.monotonic() < end:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.0))  # in the middle of the next batch: first pass, hires pass or writing
+        time.sleep(rng.uniform(0.0, 0.4))  # in the middle of the next batch: first pass, hires pass or writing
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -195,7 +197,7 @@ def test_kill_9_in_a_hires_batch_then_resume(tmp_path):
     assert final.returncode == 0, final.stderr
     assert not list(run.rglob(".tmp-*"))
     got, want = sorted((run / "images").glob("*.png")), sorted((ref_dir / "run" / "images").glob("*.png"))
-    assert [p.name for p in got] == [p.name for p in want] and len(got) == 8
+    assert [p.name for p in got] == [p.name for p in want] and len(got) == 16
     assert sorted(p.name for p in (run / "first").glob("*.png")) == [p.name for p in got]
     for a, b in zip(got, want):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1, a.name
