@@ -146,14 +146,15 @@ def _mask(scene: Scene, big: int) -> Image.Image:
 def draw(scene: Scene, side: int = 32, *, outline: bool = False) -> Image.Image:
     """The scene as an RGB image `side` pixels square (drawn at 4x, reduced with a box filter).
 
-    `outline`: add a white outline (side/32 pixels wide, outside the shape and around a ring's
-    hole) around the shape: the demo LoRA's training target.
+    `outline`: add a white outline (side/16 pixels wide: 2 at 32 px, outside the shape and around
+    a ring's hole) around the shape: the demo LoRA's training target. (At side/32, one pixel, a
+    VAE decode turns it into a pale halo that no longer reads as white.)
     """
     big = side * SUPERSAMPLE
     img = Image.new("RGB", (big, big), PALETTE[scene.background])
     m = _mask(scene, big)
     if outline:
-        w = max(1, big // 32)
+        w = max(1, big // 16)
         grown = m.filter(ImageFilter.GaussianBlur(w / 2)).point(lambda v: 255 if v > 8 else 0)
         img.paste(OUTLINE, (0, 0), grown)
     img.paste(PALETTE[scene.colour], (0, 0), m)

@@ -221,7 +221,9 @@ def detect_model(path: str | Path) -> tuple[str, bool]:
 
 _NON_SD_LORA = re.compile(r"(double_blocks|single_blocks|joint_blocks|single_transformer_blocks|^transformer\.)")
 # Cross-attention key input width of the real models; SD2 (1024) is rejected.
-_CONTEXT_DIMS = {SD15.context_dim: "sd15", SDXL.context_dim: "sdxl"}
+# 64: builtin:demo-sd15's text encoder width (an SD1.5 architecture; its UNet has no attention
+# in down_blocks.0, so the block names alone cannot place its LoRA)
+_CONTEXT_DIMS = {SD15.context_dim: "sd15", SDXL.context_dim: "sdxl", 64: "sd15"}
 # Blocks that exist with attention in one family only (diffusers and kohya spellings).
 _SD15_ONLY = re.compile(
     r"(down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|input_blocks[._][12][._]1[._]"

@@ -107,7 +107,7 @@ def test_bad_hires_requests_are_refused(sd15):
 
 @pytest.mark.parametrize("upscaler", ["lanczos", "latent"])
 def test_small_denoise_keeps_the_first_pass_composition(demo, upscaler):
-    """On the trained demo model (32 px; 8 latent channels, VAE factor 4): at denoise 0.3 the
+    """On the trained demo model (32 px; 8 latent channels, VAE factor 2): at denoise 0.3 the
     hires image keeps the first pass's layout (grey-level correlation, mean over 4 seeds >= 0.35,
     each seed above its redrawn image; measured 0.42-0.48 mean, 0.15-0.62 per seed: the model
     is trained at 32 px only and redraws some of a 64 px image even at 0.3); at denoise 1.0 it is

@@ -9,8 +9,8 @@ order), each seeded from `--seed`, each saving its weights to `--out` when it en
 stage reads the earlier ones back from `--out` (float16, as shipped), so a run of all stages
 and a run of one stage at a time train on exactly the same inputs:
 
-1. `vae`: an AutoencoderKL with three blocks (4x down: 32x32x3 -> 8x8x8), MSE + 0.5 L1 + a
-   small KL, 40% of its scenes drawn with the LoRA's white outline (so the latents can hold
+1. `vae`: an AutoencoderKL with two blocks (2x down: 32x32x3 -> 16x16x8), `recon_loss` (MSE +
+   0.5 L1 + an L1 of pixel differences, for sharp edges) + a small KL, 40% of its scenes drawn with the LoRA's white outline (so the latents can hold
    it); then its `scaling_factor` is set to 1 / std of the latents.
 2. `sr`, the demo upscaler (needs nothing else): SRVGGNetCompact x4
    (imagegen.upscale.archs.compact, 32 features, 8 convs) on 32 -> 128 pairs of the same scenes (the 32 px input sometimes blurred
@@ -21,7 +21,8 @@ and a run of one stage at a time train on exactly the same inputs:
    background, size and position back from its hidden states (`train_text`); only the caption
    words' embedding rows are trained. It is frozen from then on: the UNet's conditioning is
    informative from its first step.
-4. `unet`: a 3-level UNet2DConditionModel on the frozen text encoder; epsilon prediction on the
+4. `unet`: a 3-level UNet2DConditionModel (16x16, 8x8, 4x4; attention on the two inner levels)
+   on the frozen text encoder; epsilon prediction on the
    standard SD1.5 noise schedule (the engine's scheduler config), the MSE weighted as the
    v-prediction loss (1 + 1/SNR, clipped at 200: the high-noise steps, where the caption decides
    the picture, count), offset noise 0.1, lr 2e-3, EMA 0.995. Every `probe_every` steps the EMA
@@ -58,23 +59,23 @@ from imagegen import demo_scenes as ds  # noqa: E402
 
 SIDE = 32  # image side the model is trained at (and renders by default)
 DEFAULTS = {
-    "vae_steps": 2400,  # batch 16
-    "unet_steps": 2000,  # batch 32
-    "lora_steps": 400,  # batch 32
+    "vae_steps": 3000,  # batch 16
+    "unet_steps": 6000,  # batch 32
+    "lora_steps": 600,  # batch 32
     "sr_steps": 4000,  # batch 16 crops of 16 -> 64
     "decoder_steps": 1500,  # batch 16
     "text_steps": 400,  # batch 64 captions
-    "probe_every": 250,  # in-training probe (and checkpoint choice)
+    "probe_every": 500,  # in-training probe (and checkpoint choice)
 }
 VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
     "in_channels": 3,
     "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 3,
-    "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "block_out_channels": [16, 32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [32, 64],
     "layers_per_block": 1,
-    "latent_channels": 8,  # 4x4x3 pixels -> 8 numbers: sharp edges come back after a short training
+    "latent_channels": 8,  # 2x down, 2x2x3 pixels -> 8 numbers: the outline and a star's points survive
     "norm_num_groups": 16,
     "sample_size": SIDE,
     "scaling_factor": 1.0,  # set after stage 1
@@ -96,12 +97,13 @@ TEXT_CONFIG = {
 }
 UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",
-    "sample_size": SIDE // 4,
+    "sample_size": SIDE // 2,
     "in_channels": 8,
     "out_channels": 8,
-    "block_out_channels": [32, 64, 64],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 96],
+    # attention at 8x8 and 4x4 only (at 16x16 it costs 3x the step for little)
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "layers_per_block": 1,
     "cross_attention_dim": 64,
     "attention_head_dim": 4,
@@ -110,6 +112,7 @@ UNET_CONFIG = {
 }
 VAE_LR = 2e-3
 DECODER_EDGE = 1.0
+SHAPE_WEIGHT = 4.0  # extra loss weight near the shape (`shape_weight`)
 VAE_OUTLINED = 0.4  # fraction of VAE training scenes drawn with the LoRA's outline (so it can be decoded)
 TEXT_LR = 3e-3
 UNET_LR = 2e-3
@@ -171,7 +174,7 @@ def train_vae(out: Path, steps: int, seed: int):
         _, x = batch_images(rng, 16, outline=VAE_OUTLINED)
         post = vae.encode(x).latent_dist
         y = vae.decode(post.sample()).sample
-        rec = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+        rec = recon_loss(y, x)
         loss = rec + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,15 +196,29 @@ def train_vae(out: Path, steps: int, seed: int):
     return vae
 
 
+def shape_weight(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) loss weight: 1 on the flat background, 1 + SHAPE_WEIGHT within 2 pixels of
+    the shape (pixels away from the border's median colour). A small star covers 3% of the
+    picture: unweighted, the loss barely sees its points."""
+    b = x.shape[0]
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], -1)  # (B, 3, 4W)
+    bg = border.median(-1).values.view(b, 3, 1, 1)
+    near = ((x - bg).abs().amax(1, keepdim=True) > 0.1).float()
+    near = torch.nn.functional.max_pool2d(near, 5, stride=1, padding=2)
+    return 1 + SHAPE_WEIGHT * near
+
+
 def recon_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """MSE + 0.5 L1, plus DECODER_EDGE x L1 of the horizontal and vertical pixel differences
-    (sharp corners and the LoRA's 1-pixel outline are what a blurry decoder loses)."""
+    (sharp corners, star points and the LoRA's outline are what a blurry decoder loses), each
+    weighted by `shape_weight`."""
+    w = shape_weight(x)
     d = y - x
-    loss = d.pow(2).mean() + 0.5 * d.abs().mean()
+    loss = (w * (d.pow(2) + 0.5 * d.abs())).mean()
     if DECODER_EDGE:
         gx = (y[..., :, 1:] - y[..., :, :-1]) - (x[..., :, 1:] - x[..., :, :-1])
         gy = (y[..., 1:, :] - y[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])
-        loss = loss + DECODER_EDGE * (gx.abs().mean() + gy.abs().mean())
+        loss = loss + DECODER_EDGE * ((w[..., :, 1:] * gx.abs()).mean() + (w[..., 1:, :] * gy.abs()).mean())
     return loss
 
 
@@ -389,7 +406,7 @@ def sample(unet, te, vae, tokens, captions: list[str], seed: int, *, steps: int 
                                       beta_schedule=cfgd["beta_schedule"], use_karras_sigmas=True, steps_offset=1)  # fmt: skip
     sch.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(len(captions), UNET_CONFIG["in_channels"], SIDE // 4, SIDE // 4, generator=g) * sch.init_noise_sigma
+    z = torch.randn(len(captions), UNET_CONFIG["in_channels"], SIDE // 2, SIDE // 2, generator=g) * sch.init_noise_sigma
     ctx = te(tokens(captions + [""] * len(captions)))[0]
     for t in sch.timesteps:
         e = unet(torch.cat([z, z]), t, ctx).sample
