@@ -155,3 +155,14 @@ def test_generator_reader_agree_on_drawn_scenes():
             marked.append(ds.read_scene(ds.draw(s, outline=True)).outline)
             plain.append(r.outline)
     assert np.mean(np.array(marked) >= 0.1) >= 0.9 and max(plain) < 0.1
+
+
+def test_demo_lora_is_placed_as_sd15():
+    """Its UNet has no attention in down_blocks.0 (SD1.5's marker) and a 64-wide cross-attention:
+    the family check places it by that width, and refuses it for SDXL."""
+    from imagegen.errors import ModelError
+    from imagegen.modelfiles import check_lora
+
+    check_lora(LORA, "sd15")
+    with pytest.raises(ModelError, match="demo-outline.safetensors.*is for sd15"):
+        check_lora(LORA, "sdxl")
