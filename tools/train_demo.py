@@ -10,8 +10,9 @@ stage reads the earlier ones back from `--out` (float16, as shipped), so a run o
 and a run of one stage at a time train on exactly the same inputs:
 
 1. `vae`: an AutoencoderKL with two blocks (2x down: 32x32x3 -> 16x16x8), `recon_loss` (MSE +
-   0.5 L1 + an L1 of pixel differences, for sharp edges) + a small KL, 40% of its scenes drawn with the LoRA's white outline (so the latents can hold
-   it); then its `scaling_factor` is set to 1 / std of the latents.
+   0.5 L1 + an L1 of pixel differences, weighted up near the shape) + a small KL, 40% of its
+   scenes drawn with the LoRA's white outline (so the latents can hold it); then its
+   `scaling_factor` is set to 1 / std of the latents.
 2. `sr`, the demo upscaler (needs nothing else): SRVGGNetCompact x4
    (imagegen.upscale.archs.compact, 32 features, 8 convs) on 32 -> 128 pairs of the same scenes (the 32 px input sometimes blurred
    a little, like a VAE decode), 16 px crops around the shape, MSE + 0.1 L1; saved as a BasicSR
@@ -406,7 +407,8 @@ def sample(unet, te, vae, tokens, captions: list[str], seed: int, *, steps: int 
                                       beta_schedule=cfgd["beta_schedule"], use_karras_sigmas=True, steps_offset=1)  # fmt: skip
     sch.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(len(captions), UNET_CONFIG["in_channels"], SIDE // 2, SIDE // 2, generator=g) * sch.init_noise_sigma
+    n = UNET_CONFIG["sample_size"]
+    z = torch.randn(len(captions), UNET_CONFIG["in_channels"], n, n, generator=g) * sch.init_noise_sigma
     ctx = te(tokens(captions + [""] * len(captions)))[0]
     for t in sch.timesteps:
         e = unet(torch.cat([z, z]), t, ctx).sample
