@@ -1,4 +1,4 @@
-"""Train `builtin:demo-sd15`, its demo LoRA and its demo upscaler from scratch, on one CPU thread.
+"""Train `builtin:demo-sd15`, its demo LoRA and its demo upscaler from scratch, on two CPU cores.
 
     PYTHONPATH=$PWD python tools/train_demo.py --out imagegen/data/demo
 
@@ -23,19 +23,26 @@ and a run of one stage at a time train on exactly the same inputs:
    words' embedding rows are trained. It is frozen from then on: the UNet's conditioning is
    informative from its first step.
 4. `unet`: a 3-level UNet2DConditionModel (16x16, 8x8, 4x4; attention on the two inner levels)
-   on the frozen text encoder; epsilon prediction on the
-   standard SD1.5 noise schedule (the engine's scheduler config), the MSE weighted as the
-   v-prediction loss (1 + 1/SNR, clipped at 200: the high-noise steps, where the caption decides
-   the picture, count), offset noise 0.1, lr 2e-3, EMA 0.995. Every `probe_every` steps the EMA
-   weights render 32 fixed training captions (10 DPM++ steps, guidance 5) that
-   `demo_scenes.read_scene` grades; the best-graded weights are the ones saved.
+   on the frozen text encoder; epsilon prediction on the standard SD1.5 noise schedule (the
+   engine's scheduler config), the MSE weighted as the v-prediction loss (1 + 1/SNR, clipped at
+   200: the high-noise steps, where the caption decides the picture, count), offset noise 0.1,
+   lr 2e-3 on a cosine schedule of `unet_steps`, EMA 0.995. Scenes come from a `LatentPool`
+   (drawn and encoded ahead, each used about four times). Every `probe_every` steps the EMA
+   weights render 64 fixed training captions (10 DPM++ steps, guidance 5) that
+   `demo_scenes.read_scene` grades; the best-graded weights are the ones saved, and the stage
+   ends early once colour, shape and position all read >= `UNET_STOP` (the shipped UNet:
+   step 6500 of 8000).
 5. `lora`, the demo LoRA: rank 8 on every attention and feed-forward Linear and on the resnet
    convs of the two outer levels of the frozen UNet, trained on the same captions with the
-   scene drawn with a white outline; saved in the diffusers/peft key layout
+   scene drawn with a white outline (its own `LatentPool`); saved in the diffusers/peft key layout
    (`unet.<module>.lora_A.weight` / `lora_B.weight`).
 6. `decoder`: more steps on the VAE decoder alone, with an edge term in the loss, the encoder
-   frozen and saved back bit for bit, so the latent space stages 4-5 learnt stays as it was (it
-   only reads the VAE, so it may run beside them: `--stages decoder` in a second process).
+   frozen and saved back bit for bit, so the latent space stages 4-5 learnt stays as it was.
+
+With `--threads 2` (the default), `sr` runs beside `vae` and `decoder` beside `lora`, each in a
+second process on one thread (neither reads what the stage beside it writes); `lora` then
+gets one thread, the other stages both. On the 2-core development machine the whole run
+takes about 62 minutes (README, "The demo model").
 
 Weights are stored as float16 safetensors (the builtin loader casts them back to float32) to
 keep the package small. `--scale` multiplies every stage's step count (0.05 for a pilot).
@@ -46,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,11 +67,12 @@ sys.path.insert(0, str(ROOT))
 from imagegen import demo_scenes as ds  # noqa: E402
 
 SIDE = 32  # image side the model is trained at (and renders by default)
+STAGES = ("vae", "sr", "text", "unet", "lora", "decoder")
 DEFAULTS = {
     "vae_steps": 3000,  # batch 16
-    "unet_steps": 6000,  # batch 32
+    "unet_steps": 8000,  # batch 32 (the cosine schedule's length; see UNET_STOP)
     "lora_steps": 600,  # batch 32
-    "sr_steps": 4000,  # batch 16 crops of 16 -> 64
+    "sr_steps": 6000,  # batch 16 crops of 16 -> 64
     "decoder_steps": 1500,  # batch 16
     "text_steps": 400,  # batch 64 captions
     "probe_every": 500,  # in-training probe (and checkpoint choice)
@@ -118,6 +127,7 @@ VAE_OUTLINED = 0.4  # fraction of VAE training scenes drawn with the LoRA's outl
 TEXT_LR = 3e-3
 UNET_LR = 2e-3
 UNET_EMA = 0.995
+UNET_STOP = 0.97  # the UNet stage ends early once every probe figure reaches this
 MIN_SNR = 5.0
 LOSS_WEIGHTING = "v"
 V_CLIP = 200.0
@@ -365,12 +375,53 @@ def train_text(out: Path, steps: int, seed: int) -> None:
     log(f"text encoder saved ({len(vocab)} caption tokens trained)")
 
 
-def diffusion_loss(unet, te, vae, sched, tokens, rng, *, outline: bool = False, batch: int = 32):
+class LatentPool:
+    """Training scenes drawn and VAE-encoded ahead of the step that uses them: `size` of them at
+    a time (their captions and posterior mean and std); every step takes a random batch from the
+    pool (a fresh caption, latent sample, noise and timestep each time), and every
+    `refresh_every` steps the oldest `refresh` are replaced by new scenes. Each scene is used
+    about four times; the VAE encodes in batches of 256 instead of 32 per step (the encode was a
+    sixth of a UNet step)."""
+
+    def __init__(self, vae, rng: np.random.Generator, *, outline: bool = False, size: int = 4096,
+                 refresh: int = 256, refresh_every: int = 32) -> None:  # fmt: skip
+        self.vae, self.rng, self.outline = vae, rng, outline
+        self.refresh, self.refresh_every = refresh, refresh_every
+        self.scenes: list[ds.Scene] = []
+        means, stds = [], []
+        for _ in range(0, size, refresh):
+            sc, m, sd = self._draw(refresh)
+            self.scenes += sc
+            means.append(m)
+            stds.append(sd)
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        self.next, self.steps = 0, 0
+
+    @torch.no_grad()
+    def _draw(self, n: int):
+        scenes, x = batch_images(self.rng, n, outline=self.outline)
+        post = self.vae.encode(x).latent_dist
+        return scenes, post.mean, post.std
+
+    def batch(self, n: int):
+        """(scenes, latents scaled by the VAE's scaling_factor) for one training step."""
+        self.steps += 1
+        if self.steps % self.refresh_every == 0:
+            sc, m, sd = self._draw(self.refresh)
+            i = self.next
+            self.scenes[i : i + self.refresh] = sc
+            self.mean[i : i + self.refresh], self.std[i : i + self.refresh] = m, sd
+            self.next = (i + self.refresh) % len(self.scenes)
+        idx = torch.from_numpy(self.rng.integers(len(self.scenes), size=n))
+        z = self.mean[idx] + self.std[idx] * torch.randn_like(self.mean[idx])
+        return [self.scenes[int(i)] for i in idx], z * self.vae.config.scaling_factor
+
+
+def diffusion_loss(unet, te, pool: LatentPool, sched, tokens, rng, *, batch: int = 32):
     """Epsilon loss weighted by `loss_weight`, offset noise 0.1; the text encoder frozen."""
-    scenes, x = batch_images(rng, batch, outline=outline)
+    scenes, z = pool.batch(batch)
     caps = [ds.random_caption(s, rng) for s in scenes]
     with torch.no_grad():
-        z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
         ctx = te(tokens(caps))[0]
     noise = torch.randn_like(z) + 0.1 * torch.randn(z.shape[0], z.shape[1], 1, 1)
     t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],))
@@ -391,7 +442,7 @@ def loss_weight(ac: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(ac)
 
 
-def probe_scenes(n: int = 32) -> list[ds.Scene]:
+def probe_scenes(n: int = 64) -> list[ds.Scene]:
     """Fixed training-distribution scenes (never the held-out pairs) for the in-training probe."""
     rng = np.random.default_rng(4242)
     return [ds.random_scene(rng) for _ in range(n)]
@@ -441,9 +492,9 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
     for m in (ema, te, vae):
         m.requires_grad_(False).eval()
     params = list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.01)
-    sched, tokens = noise_schedule(), Tokens()
-    ema_pairs = list(zip(ema.parameters(), unet.parameters()))
+    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.01, fused=True)
+    sched, tokens, pool = noise_schedule(), Tokens(), LatentPool(vae, rng)
+    ema_params, params_list = list(ema.parameters()), list(unet.parameters())
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "unet" / "config.json").write_text(json.dumps(UNET_CONFIG, indent=2) + "\n")
     t0, avg, best = time.time(), None, -1.0
@@ -451,15 +502,14 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
         lr = UNET_LR * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = diffusion_loss(unet, te, vae, sched, tokens, rng)
+        loss = diffusion_loss(unet, te, pool, sched, tokens, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(UNET_EMA, (1 + step) / (10 + step))
         with torch.no_grad():
-            for p_e, p in ema_pairs:
-                p_e.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params_list, 1 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0 or step == steps:
             log(f"unet {step}/{steps} loss {avg:.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
@@ -471,6 +521,9 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
             if score > best:
                 best = score
                 save_half(ema, out / "unet" / "diffusion_pytorch_model.safetensors")
+            if min(p.values()) >= UNET_STOP and step < steps:
+                log(f"unet {step}: every probe figure >= {UNET_STOP:g}: stopping early")
+                break
     return load(out, "unet")
 
 
@@ -524,14 +577,14 @@ def train_lora(out: Path, unet, te, vae, steps: int, seed: int) -> None:
                 continue
             setattr(mod, attr, wrapped[full])
     params = [p for w in wrapped.values() for p in (w.down.weight, w.up.weight)]
-    opt = torch.optim.AdamW(params, lr=LORA_LR, weight_decay=0.0)
-    sched, tokens = noise_schedule(), Tokens()
+    opt = torch.optim.AdamW(params, lr=LORA_LR, weight_decay=0.0, fused=True)
+    sched, tokens, pool = noise_schedule(), Tokens(), LatentPool(vae, rng, outline=True)
     t0, avg = time.time(), None
     for step in range(1, steps + 1):
         lr = LORA_LR * min(1.0, step / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = diffusion_loss(unet, te, vae, sched, tokens, rng, outline=True)
+        loss = diffusion_loss(unet, te, pool, sched, tokens, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -612,36 +665,63 @@ def train_sr(out: Path, steps: int, seed: int) -> None:
     log("upscaler saved")
 
 
+def side_stage(a: argparse.Namespace, stage: str) -> subprocess.Popen:
+    """`stage` in a second process on one thread, beside this one."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(a.out), "--seed", str(a.seed),
+           "--scale", str(a.scale), "--stages", stage, "--threads", "1"]  # fmt: skip
+    log(f"{stage}: started beside, in a second process on one thread")
+    return subprocess.Popen(cmd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "imagegen" / "data" / "demo")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
-    ap.add_argument("--stages", default="vae,sr,text,unet,lora,decoder", help="comma list; later stages load earlier ones from --out")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma list; later stages load earlier ones from --out")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="CPU cores to use; with 2 or more, `sr` runs beside `vae` and `decoder` beside `lora`, "
+                         "each in a second process on one thread")  # fmt: skip
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    stages = a.stages.split(",")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        ap.error(f"--stages: unknown stage {unknown[0]!r} (one of {', '.join(STAGES)})")
     from diffusers.utils import logging as dl
 
     dl.set_verbosity_error()
     n = {k: max(1, int(v * a.scale)) for k, v in DEFAULTS.items() if k != "probe_every"}
-    stages = a.stages.split(",")
     a.out.mkdir(parents=True, exist_ok=True)
+    beside = a.threads >= 2 and len(stages) > 1
+    side: list[tuple[str, subprocess.Popen]] = []
+    torch.set_num_threads(a.threads)
     t0 = time.time()
     # Each stage reads the earlier ones back from --out (float16, as shipped): see the docstring.
     if "vae" in stages:
         train_vae(a.out, n["vae_steps"], a.seed)
-    if "sr" in stages:
-        train_sr(a.out, n["sr_steps"], a.seed + 3)
     if "text" in stages:
         train_text(a.out, n["text_steps"], a.seed + 5)
     if "unet" in stages:
         train_unet(a.out, load(a.out, "vae"), load(a.out, "text_encoder"), n["unet_steps"], a.seed + 1, DEFAULTS["probe_every"])
+    # The last three are independent of each other (`sr` needs nothing, `decoder` only the VAE,
+    # whose encoder it keeps; `lora` loads the VAE before `decoder` writes it): side by side,
+    # one thread each (two multi-threaded processes on two cores stall each other).
     if "lora" in stages:
-        unet, te = load(a.out, "unet"), load(a.out, "text_encoder")
-        train_lora(a.out, unet, te, load(a.out, "vae").requires_grad_(False), n["lora_steps"], a.seed + 2)
-    if "decoder" in stages:  # needs only the VAE: it may run beside stages 2-4
+        unet, te, vae = load(a.out, "unet"), load(a.out, "text_encoder"), load(a.out, "vae").requires_grad_(False)
+    for name in ("sr", "decoder"):
+        if name in stages and beside:
+            side.append((name, side_stage(a, name)))
+    if side:
+        torch.set_num_threads(1)
+    if "lora" in stages:
+        train_lora(a.out, unet, te, vae, n["lora_steps"], a.seed + 2)
+    if "sr" in stages and not beside:
+        train_sr(a.out, n["sr_steps"], a.seed + 3)
+    if "decoder" in stages and not beside:
         train_decoder(a.out, n["decoder_steps"], a.seed + 4)
+    for name, proc in side:
+        if proc.wait() != 0:
+            sys.exit(f"train_demo: the `{name}` stage failed (exit code {proc.returncode})")
     log(f"done in {time.time() - t0:.0f}s")
 
 
