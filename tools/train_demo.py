@@ -39,9 +39,9 @@ and a run of one stage at a time train on exactly the same inputs:
 6. `decoder`: more steps on the VAE decoder alone, with an edge term in the loss, the encoder
    frozen and saved back bit for bit, so the latent space stages 4-5 learnt stays as it was.
 
-With `--threads 2` (the default), `sr` runs beside `vae` and `decoder` beside `lora`, each in a
-second process on one thread (neither reads what the stage beside it writes); `lora` then
-gets one thread, the other stages both. On the 2-core development machine the whole run
+With `--threads 2` (the default), `sr` and `decoder` run beside `lora`, each in a second
+process on one thread (none of the three reads what another writes), `lora` on one thread too;
+the other stages get both. On the 2-core development machine the whole run
 takes about 62 minutes (README, "The demo model").
 
 Weights are stored as float16 safetensors (the builtin loader casts them back to float32) to
@@ -380,8 +380,8 @@ class LatentPool:
     a time (their captions and posterior mean and std); every step takes a random batch from the
     pool (a fresh caption, latent sample, noise and timestep each time), and every
     `refresh_every` steps the oldest `refresh` are replaced by new scenes. Each scene is used
-    about four times; the VAE encodes in batches of 256 instead of 32 per step (the encode was a
-    sixth of a UNet step)."""
+    about four times; the VAE encodes in batches of 256 instead of 32 per step (the encode was about
+    15% of a UNet step)."""
 
     def __init__(self, vae, rng: np.random.Generator, *, outline: bool = False, size: int = 4096,
                  refresh: int = 256, refresh_every: int = 32) -> None:  # fmt: skip
@@ -494,7 +494,7 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.01, fused=True)
     sched, tokens, pool = noise_schedule(), Tokens(), LatentPool(vae, rng)
-    ema_params, params_list = list(ema.parameters()), list(unet.parameters())
+    ema_params = list(ema.parameters())
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "unet" / "config.json").write_text(json.dumps(UNET_CONFIG, indent=2) + "\n")
     t0, avg, best = time.time(), None, -1.0
@@ -509,7 +509,7 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
         opt.step()
         decay = min(UNET_EMA, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params_list, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0 or step == steps:
             log(f"unet {step}/{steps} loss {avg:.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
@@ -680,7 +680,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma list; later stages load earlier ones from --out")
     ap.add_argument("--threads", type=int, default=2,
-                    help="CPU cores to use; with 2 or more, `sr` runs beside `vae` and `decoder` beside `lora`, "
+                    help="CPU cores to use; with 2 or more, `sr` and `decoder` run beside `lora`, "
                          "each in a second process on one thread")  # fmt: skip
     a = ap.parse_args()
     stages = a.stages.split(",")
