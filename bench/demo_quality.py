@@ -1,6 +1,7 @@
 """How well `builtin:demo-sd15`, its demo LoRA and its demo upscaler do what they are asked.
 
     PYTHONPATH=$PWD python bench/demo_quality.py [--seeds 16] [--lora-seeds N] [--steps 20] [--guidance 5] [--out PNG]
+                                                 [--weights DIR]
 
 On held-out captions (a (colour, shape) pair never drawn in training, `demo_scenes.HELD_OUT`,
 each with its own background, size and position), `--seeds` seeds each, through the real engine
@@ -15,7 +16,8 @@ nearest palette colour, centroid grid cell, nearest mean silhouette for the clas
 - upscaler: PSNR of the demo x4 upscaler and of PIL Lanczos x4 against the 128 px drawing of
   100 held-out scenes, from their 32 px reductions.
 
-Prints one table; the targets are 90% / 75% / 80% / 90% / +2 dB.
+Prints one table; the targets are 90% / 75% / 80% / 90% / +2 dB. `--weights DIR` grades the
+output folder of a `tools/train_demo.py` run instead of the shipped `imagegen/data/demo/`.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from imagegen import demo_scenes as ds  # noqa: E402
 
-LORA = ROOT / "imagegen" / "data" / "demo" / "demo-outline.safetensors"
-UPSCALER = ROOT / "imagegen" / "data" / "demo" / "demo-x4.pth"
+DEMO = ROOT / "imagegen" / "data" / "demo"
+LORA = DEMO / "demo-outline.safetensors"
+UPSCALER = DEMO / "demo-x4.pth"
 OUTLINE_MIN = 0.1  # rim fraction near white that counts as "outlined"
 
 
@@ -86,6 +89,18 @@ def upscaler_psnr(n: int = 100) -> tuple[float, float]:
     return float(np.mean(ours)), float(np.mean(lanczos))
 
 
+def use_weights(folder: Path) -> None:
+    """Grade the demo files in `folder` (unet/, vae/, text_encoder/, the LoRA, the upscaler)."""
+    global LORA, UPSCALER
+    from imagegen.engine import builtin
+
+    missing = [n for n in ("unet", "vae", "text_encoder", LORA.name, UPSCALER.name) if not (folder / n).exists()]
+    if missing:
+        sys.exit(f"demo_quality: {folder}: no {', '.join(missing)}")
+    builtin.DEMO_DIR = folder  # read by demo_components at load time
+    LORA, UPSCALER = folder / LORA.name, folder / UPSCALER.name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=16)
@@ -95,7 +110,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="save a sheet of the base renders here (PNG)")
     ap.add_argument("--parts", default="base,lora,sr", help="comma list of base, lora, sr")
+    ap.add_argument("--weights", type=Path, help="a train_demo.py --out folder to grade (default: the shipped files)")
     a = ap.parse_args()
+    if a.weights:
+        use_weights(a.weights)
     import torch
 
     torch.set_num_threads(a.threads)
