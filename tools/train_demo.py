@@ -30,8 +30,8 @@ and a run of one stage at a time train on exactly the same inputs:
    (drawn and encoded ahead, each used about four times). Every `probe_every` steps the EMA
    weights render 64 fixed training captions (10 DPM++ steps, guidance 5) that
    `demo_scenes.read_scene` grades; the best-graded weights are the ones saved, and the stage
-   ends early once colour, shape and position all read >= `UNET_STOP` (the shipped UNet:
-   step 6500 of 8000).
+   ends early once colour, shape and position all read >= `UNET_STOP` (the shipped UNet, and
+   the one a whole run made on 2026-12-03: the probe's best, step 6500 of 8000).
 5. `lora`, the demo LoRA: rank 8 on every attention and feed-forward Linear and on the resnet
    convs of the two outer levels of the frozen UNet, trained on the same captions with the
    scene drawn with a white outline (its own `LatentPool`); saved in the diffusers/peft key layout
@@ -42,7 +42,7 @@ and a run of one stage at a time train on exactly the same inputs:
 With `--threads 2` (the default), `sr` starts at once in a second process on one thread at nice
 19 (it gets the few cycles the 2-thread stages leave idle, then a core once `lora` is done) and
 `decoder` runs beside `lora`, one thread each; nothing reads what they write. On the 2-core
-development machine the whole run takes about MINUTES minutes (README, "The demo model").
+development machine one whole run took 45.5 min on 2026-12-03 (README, "The demo model").
 
 Weights are stored as float16 safetensors (the builtin loader casts them back to float32) to
 keep the package small. `--scale` multiplies every stage's step count (0.05 for a pilot).
@@ -71,7 +71,7 @@ SIDE = 32  # image side the model is trained at (and renders by default)
 STAGES = ("vae", "sr", "text", "unet", "lora", "decoder")
 DEFAULTS = {
     "vae_steps": 3000,  # batch 16
-    "unet_steps": 7000,  # batch 32 (the cosine schedule's length; see UNET_STOP)
+    "unet_steps": 8000,  # batch 32 (the cosine schedule's length; see UNET_STOP)
     "lora_steps": 600,  # batch 32
     "sr_steps": 6000,  # batch 16 crops of 16 -> 64
     "decoder_steps": 1500,  # batch 16
