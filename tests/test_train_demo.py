@@ -26,6 +26,30 @@ def test_unknown_stage_is_one_line_and_exit_2(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_bad_budget_is_one_line_and_exit_2(tmp_path, value):
+    r = train(tmp_path, "--minutes", value)
+    assert r.returncode == 2
+    assert "--minutes: must be 0 (no budget) or more" in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_fit_steps_shortens_only_what_does_not_fit():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_demo", SCRIPT)
+    td = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(td)
+    # 500 of 8000 steps in 100 s (0.2 s/step): 2000 s left holds 10000 more, so all 8000 fit
+    assert td.fit_steps(8000, 500, 100.0, 2000.0) == 8000
+    # 1000 s left holds 5000 more steps: the schedule ends at 5500
+    assert td.fit_steps(8000, 500, 100.0, 1000.0) == 5500
+    # nothing left (or the deadline passed): end at the step reached, never before it
+    assert td.fit_steps(8000, 500, 100.0, 0.0) == 500
+    assert td.fit_steps(8000, 500, 100.0, -50.0) == 500
+    assert td.fit_steps(8000, 0, 0.0, 10.0) == 8000  # nothing measured yet: unchanged
+
+
 @pytest.mark.slow
 def test_every_stage_writes_files_the_loaders_take(tmp_path):
     import torch
@@ -59,3 +83,14 @@ def test_every_stage_writes_files_the_loaders_take(tmp_path):
     assert (up.arch, up.scale) == ("SRVGGNetCompact", 4)
     y = up(torch.rand(1, 3, 8, 8))
     assert y.shape == (1, 3, 32, 32)
+
+    # a budget already spent: the UNet's schedule (16 steps at this scale) ends at its first
+    # check, step 2, which is probed and saved, and the file still loads
+    unet_file = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_file.unlink()
+    r = train(tmp_path, "--stages", "unet", "--minutes", "0.0001")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the --minutes budget leaves room for 2 steps" in r.stdout
+    assert "unet 2 probe colour" in r.stdout and "unet 16" not in r.stdout  # no step past 2
+    assert unet_file.exists()
+    assert "unet" in demo_components("cpu", folder=tmp_path)

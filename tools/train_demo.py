@@ -129,6 +129,10 @@ TEXT_LR = 3e-3
 UNET_LR = 2e-3
 UNET_EMA = 0.995
 UNET_STOP = 0.97  # the UNet stage ends early once every probe figure reaches this
+# what `lora` (with `decoder` beside it) costs per LoRA step, in UNet training steps: measured
+# 2026-12-03, 600 LoRA steps took 318 s while a UNet step took 0.22 s (2.4); used to keep the
+# time the `--minutes` budget leaves for `lora` when it shortens the UNet's schedule
+LORA_COST = 2.5
 MIN_SNR = 5.0
 LOSS_WEIGHTING = "v"
 V_CLIP = 200.0
@@ -502,9 +506,21 @@ def probe(unet, te, vae, tokens) -> dict[str, float]:
             "position": float(np.mean([r.position == s.position for r, s in zip(got, scenes)]))}  # fmt: skip
 
 
-def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
+def fit_steps(steps: int, step: int, elapsed: float, left: float) -> int:
+    """The schedule length that ends within `left` seconds, `step` of `steps` done in `elapsed`
+    seconds: `steps` when it fits, else the steps that fit (never fewer than `step`)."""
+    if step <= 0 or elapsed <= 0:
+        return steps
+    return max(step, min(steps, step + int(left * step / elapsed)))
+
+
+def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int, *,
+               deadline: float | None = None, reserve_steps: float = 0.0):  # fmt: skip
     """Stage 4: the UNet on the frozen text encoder; EMA (UNET_EMA) weights probed every
-    `probe_every` steps, the best probe score saved."""
+    `probe_every` steps, the best probe score saved. With a `deadline` (time.time()), the cosine
+    schedule is shortened at the first check (`probe_every` steps, or an eighth of a short run)
+    and at every probe after it, so that the stage, and `reserve_steps` UNet steps' worth of
+    time after it, end by then; it never grows back."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -522,7 +538,10 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "unet" / "config.json").write_text(json.dumps(UNET_CONFIG, indent=2) + "\n")
     t0, avg, best = time.time(), None, -1.0
-    for step in range(1, steps + 1):
+    check = min(probe_every, max(1, steps // 8))
+    step = 0
+    while step < steps:
+        step += 1
         lr = UNET_LR * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -537,6 +556,13 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int):
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0 or step == steps:
             log(f"unet {step}/{steps} loss {avg:.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
+        if deadline is not None and check <= step < steps and (step == check or step % probe_every == 0):
+            elapsed = time.time() - t0
+            fit = fit_steps(steps, step, elapsed, deadline - time.time() - reserve_steps * elapsed / step)
+            if fit < steps:
+                log(f"unet {step}: at {elapsed / step:.2f} s/step the --minutes budget leaves room for {fit} steps:"
+                    f" the cosine schedule now ends there (was {steps})")  # fmt: skip
+                steps = fit
         if step % probe_every == 0 or step == steps:
             p = probe(ema, te, vae, tokens)
             score = sum(p.values())
@@ -708,7 +734,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2,
                     help="CPU threads to use; with 2 or more, `sr` runs from the start in a second "
                          "process (one thread, nice 19) and `decoder` beside `lora` (one thread each)")  # fmt: skip
+    ap.add_argument("--minutes", type=float, default=60.0,
+                    help="wall-clock budget for the whole run (0: none); on a machine too slow for it the "
+                         "UNet's cosine schedule is shortened to the steps that fit, keeping time for `lora`")  # fmt: skip
     a = ap.parse_args()
+    if not a.minutes >= 0:
+        ap.error(f"--minutes: must be 0 (no budget) or more, not {a.minutes:g}")
     stages = a.stages.split(",")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -720,6 +751,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
     t0 = time.time()
+    a.deadline = t0 + 60 * a.minutes if a.minutes else None
     # `sr` needs nothing and `decoder` only the VAE (whose encoder it keeps bit for bit), and no
     # other stage reads what they write, so with two or more threads they run beside the others,
     # in processes on one thread: `sr` from the start at nice 19 (it takes the few cycles the
@@ -751,7 +783,9 @@ def run_stages(a: argparse.Namespace, stages: list[str], n: dict[str, int], besi
     if "text" in stages:
         train_text(a.out, n["text_steps"], a.seed + 5)
     if "unet" in stages:
-        train_unet(a.out, load(a.out, "vae"), load(a.out, "text_encoder"), n["unet_steps"], a.seed + 1, DEFAULTS["probe_every"])
+        reserve = LORA_COST * n["lora_steps"] if "lora" in stages else 0.0
+        train_unet(a.out, load(a.out, "vae"), load(a.out, "text_encoder"), n["unet_steps"], a.seed + 1,
+                   DEFAULTS["probe_every"], deadline=a.deadline, reserve_steps=reserve)  # fmt: skip
     if "lora" in stages:  # loaded before `decoder` starts; the LoRA only encodes anyway
         unet, te, vae = load(a.out, "unet"), load(a.out, "text_encoder"), load(a.out, "vae").requires_grad_(False)
     if "decoder" in stages:
