@@ -43,6 +43,10 @@ With `--threads 2` (the default), `sr` starts at once in a second process on one
 19 (it gets the few cycles the 2-thread stages leave idle, then a core once `lora` is done) and
 `decoder` runs beside `lora`, one thread each; nothing reads what they write. On the 2-core
 development machine one whole run took 45.5 min on 2026-12-03 (README, "The demo model").
+`--minutes` (default 60) is a wall-clock budget for the run: when the UNet's step rate, measured
+at step `probe_every` and at every probe after it, says the stage and `lora` after it would end
+past it, the UNet's cosine schedule is shortened to the steps that fit (and logged); a faster
+machine runs the full schedule and gets the same weights with or without it.
 
 Weights are stored as float16 safetensors (the builtin loader casts them back to float32) to
 keep the package small. `--scale` multiplies every stage's step count (0.05 for a pilot).
