@@ -561,8 +561,9 @@ def train_unet(out: Path, vae, te, steps: int, seed: int, probe_every: int, *,
         if step % 50 == 0 or step == steps:
             log(f"unet {step}/{steps} loss {avg:.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
         if deadline is not None and check <= step < steps and (step == check or step % probe_every == 0):
-            elapsed = time.time() - t0
-            fit = fit_steps(steps, step, elapsed, deadline - time.time() - reserve_steps * elapsed / step)
+            now = time.time()
+            elapsed = now - t0
+            fit = fit_steps(steps, step, elapsed, deadline - now - reserve_steps * elapsed / step)
             if fit < steps:
                 log(f"unet {step}: at {elapsed / step:.2f} s/step the --minutes budget leaves room for {fit} steps:"
                     f" the cosine schedule now ends there (was {steps})")  # fmt: skip
